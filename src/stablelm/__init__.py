@@ -1,0 +1,19 @@
+"""StableLM language models in plain PyTorch, checkpoint- and output-compatible with transformers."""
+
+from .auto import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                   AutoModelForTokenClassification, AutoTokenizer)
+from .cache import KVCache
+from .config import StableLmConfig
+from .generation_config import GenerationConfig
+from .model import (StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification,
+                    StableLmModel)
+from .tokenizer import BatchEncoding, Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification", "AutoTokenizer", "BatchEncoding", "GenerationConfig", "KVCache",
+    "StableLmConfig", "StableLmForCausalLM", "StableLmForSequenceClassification",
+    "StableLmForTokenClassification", "StableLmModel", "Tokenizer",
+]

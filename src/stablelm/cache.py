@@ -1,0 +1,120 @@
+"""A preallocated KV cache owned by the caller, whose rows may sit at different positions.
+
+Each row b has written `lengths[b]` slots; slot j holds a real token iff `valid[b, j]` (left padding
+and holes are written but masked). Rows can be reset and refilled independently, which is what a
+continuously batched server needs: a finished sequence leaves its row, a new one takes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys (after RoPE) and values for every layer: `keys[layer]` is (B, H_kv, capacity, D)."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.lengths = [0] * batch_size
+        # True once any written slot is masked: attention then needs an explicit mask.
+        self.has_holes = False
+        self._write_start: list[int] = []
+        self._write_len = 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, capacity: int) -> KVCache:
+        """A cache shaped for `model` (a StableLm* module), on its device and in its dtype."""
+        config = model.config
+        param = next(model.parameters())
+        dtype = param.dtype if param.is_floating_point() else torch.bfloat16
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim,
+                   capacity, dtype=getattr(model, "compute_dtype", dtype), device=param.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def get_seq_length(self) -> int:
+        """Slots used by the longest row (the reference's past length when rows are aligned)."""
+        return max(self.lengths, default=0)
+
+    @property
+    def aligned(self) -> bool:
+        return len(set(self.lengths)) <= 1
+
+    # -- the forward pass's protocol: reserve once, write per layer ----------------------------
+    def reserve(self, num_tokens: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Claim `num_tokens` slots per row for the tokens of this forward; returns their slots (B, S).
+
+        attention_mask (B, past + S) or (B, S): 0 marks a padding token (written, never attended to).
+        """
+        start = list(self.lengths)
+        needed = max(start) + num_tokens
+        if needed > self.capacity:
+            self._grow(max(needed, 2 * self.capacity))
+        device = self.valid.device
+        slots = torch.tensor(start, device=device)[:, None] + torch.arange(num_tokens, device=device)
+        new_mask = None if attention_mask is None else attention_mask[:, -num_tokens:].to(device=device, dtype=torch.bool)
+        if new_mask is not None and not bool(new_mask.all()):
+            self.has_holes = True
+        rows = torch.arange(self.batch_size, device=device)[:, None]
+        self.valid[rows, slots] = True if new_mask is None else new_mask
+        self._write_start, self._write_len = start, num_tokens
+        self.lengths = [s + num_tokens for s in start]
+        return slots
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's key/value (B, H_kv, S, D) for `layer`; return all keys/values so far."""
+        k_buf, v_buf = self.keys[layer], self.values[layer]
+        start, s = self._write_start, self._write_len
+        if len(set(start)) == 1:
+            k_buf[:, :, start[0]:start[0] + s] = key
+            v_buf[:, :, start[0]:start[0] + s] = value
+        else:
+            for b, pos in enumerate(start):
+                k_buf[b, :, pos:pos + s] = key[b]
+                v_buf[b, :, pos:pos + s] = value[b]
+        end = max(self.lengths)
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def key_mask(self) -> torch.Tensor:
+        """(B, T) bool: which of the used slots hold real tokens."""
+        return self.valid[:, :max(self.lengths)]
+
+    # -- row management ----------------------------------------------------------------------
+    def reset_rows(self, rows: list[int] | None = None) -> None:
+        """Forget rows (all by default), so new sequences can take them."""
+        rows = range(self.batch_size) if rows is None else rows
+        for b in rows:
+            self.lengths[b] = 0
+            self.valid[b] = False
+        if all(n == 0 for n in self.lengths):
+            self.has_holes = False
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder rows (beam search): row b becomes old row index[b]."""
+        index = index.to(self.valid.device)
+        for layer in range(len(self.keys)):
+            self.keys[layer] = self.keys[layer].index_select(0, index)
+            self.values[layer] = self.values[layer].index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        self.lengths = [self.lengths[i] for i in index.tolist()]
+
+    def _grow(self, capacity: int) -> None:
+        for layer in range(len(self.keys)):
+            for bufs in (self.keys, self.values):
+                old = bufs[layer]
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, :old.shape[2]] = old
+                bufs[layer] = new
+        valid = self.valid.new_zeros(self.valid.shape[0], capacity)
+        valid[:, :self.valid.shape[1]] = self.valid
+        self.valid = valid

@@ -1,0 +1,290 @@
+"""Checkpoint I/O in the Hugging Face layout: config.json, (sharded) safetensors, generation_config.json.
+
+Models are built on the meta device and filled with `load_state_dict(assign=True)`, so no weight is
+initialised only to be overwritten. Saves go to a temporary folder first and are moved into place
+file by file, so a failed save leaves an existing checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import StableLmConfig, dtype_from_name
+from .generation_config import GenerationConfig
+from .hub import resolve_folder
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+# Head weights of the other StableLm classes: dropped (with a warning) when loading into this one.
+ALL_HEAD_KEYS = ("lm_head.weight", "score.weight", "score.bias")
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(match.group(1)) * units.get((match.group(2) or "B").upper(), 1))
+
+
+def weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """The weight files of a checkpoint folder and whether they are pickles."""
+    for index_name, single, is_pickle in ((SAFE_INDEX, SAFE_SINGLE, False), (PICKLE_INDEX, PICKLE_SINGLE, True)):
+        if is_pickle and not allow_pickle:
+            if (folder / index_name).exists() or (folder / single).exists():
+                raise ValueError(
+                    f"{folder}: holds only pickle weights ({single}); pickle can run code on load, so it is "
+                    "read only when you pass allow_pickle=True (then with torch.load(weights_only=True))")
+            break
+        if (folder / index_name).exists():
+            try:
+                weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{folder / index_name}: not a valid shard index ({e})") from None
+            return [folder / name for name in dict.fromkeys(weight_map.values())], is_pickle
+        if (folder / single).exists():
+            return [folder / single], is_pickle
+    raise FileNotFoundError(f"{folder}: no {SAFE_SINGLE} or {SAFE_INDEX}")
+
+
+def read_tensors(path: Path, is_pickle: bool, device: str):
+    """Yield (name, tensor) from one weight file, with errors that name the file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: listed in the shard index but missing")
+    if is_pickle:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read pickle weights ({e})") from None
+        yield from state.items()
+        return
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
+
+
+class PreTrainedModel(nn.Module):
+    """Base of the StableLm classes: config, from_pretrained, save_pretrained, weight init."""
+
+    base_prefix = ""  # where the backbone's weights sit in this class's state dict
+    head_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: StableLmConfig):
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    # -- conveniences ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype if hasattr(self, "model") else self.embed_tokens.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The reference's init: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: StableLmConfig, dtype: torch.dtype | str | None = None, seed: int | None = None):
+        """A freshly initialised model (the reference's init), optionally in `dtype`."""
+        model = cls(config)
+        model.init_weights(torch.Generator().manual_seed(seed) if seed is not None else None)
+        return model.to(dtype_from_name(dtype)) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, config: StableLmConfig | None = None,
+                        dtype: torch.dtype | str | None = "auto", device: torch.device | str | None = None,
+                        attn_implementation: str = "sdpa", revision: str | None = None,
+                        local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
+                        token: str | bool | None = None, torch_dtype=None, device_map=None, **config_overrides):
+        """Load a checkpoint folder or hub id.
+
+        dtype: "auto" (the checkpoint's stored dtype), a torch.dtype or its name; None = float32.
+        device: where the weights go (read there directly by safetensors).
+        config_overrides: config fields to change, e.g. num_labels=3 for a fresh classification head.
+        """
+        if torch_dtype is not None:  # the name transformers 4.x used
+            dtype = torch_dtype
+        if device is None and isinstance(device_map, (str, torch.device)) and device_map != "auto":
+            device = device_map
+        device = str(torch.device(device)) if device is not None else "cpu"
+        folder = resolve_folder(name_or_path, revision=revision, local_files_only=local_files_only,
+                                allow_pickle=allow_pickle, cache_dir=cache_dir, token=token)
+        if config is None:
+            config_path = folder / "config.json"
+            if not config_path.exists():
+                raise FileNotFoundError(f"{folder}: no config.json")
+            config = StableLmConfig.from_json_file(config_path)
+        if config_overrides:
+            num_labels = config_overrides.pop("num_labels", None)
+            config = config.replace(**config_overrides)
+            if num_labels is not None:
+                config.num_labels = num_labels
+        if dtype == "auto":
+            dtype = config.dtype or "float32"
+        dtype = dtype_from_name(dtype) if dtype is not None else torch.float32
+
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items()}
+        tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
+        if tied:
+            expected.pop("lm_head.weight")
+        loaded = model._read_checkpoint(folder, expected, dtype, device, allow_pickle)
+
+        missing = [k for k in expected if k not in loaded]
+        fresh = [k for k in missing if k in cls.head_keys]
+        if len(fresh) != len(missing):
+            absent = [k for k in missing if k not in fresh]
+            raise ValueError(f"{folder}: checkpoint lacks {len(absent)} tensor(s) the model needs: "
+                             f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}")
+        model.load_state_dict(loaded, strict=False, assign=True)
+        if fresh:
+            warnings.warn(f"{folder}: {', '.join(fresh)} not in the checkpoint; initialised randomly (train the head)")
+            model._materialize_fresh(fresh, dtype, device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        gen_path = folder / "generation_config.json"
+        if gen_path.exists():
+            model.generation_config = GenerationConfig.from_json_file(gen_path)
+        model.name_or_path = str(name_or_path)
+        model.set_attn_implementation(attn_implementation)
+        return model.eval()
+
+    def _read_checkpoint(self, folder: Path, expected: dict, dtype: torch.dtype, device: str, allow_pickle: bool):
+        files, is_pickle = weight_files(folder, allow_pickle)
+        loaded: dict[str, torch.Tensor] = {}
+        prefix = self.base_prefix
+        for path in files:
+            for name, tensor in read_tensors(path, is_pickle, device):
+                key = name
+                if prefix and not key.startswith(prefix) and key not in ALL_HEAD_KEYS:
+                    key = prefix + key  # a bare backbone checkpoint loaded under a head
+                elif not prefix and key.startswith("model."):
+                    key = key[len("model."):]  # a head checkpoint loaded as the bare backbone
+                if key not in expected:
+                    if key in ALL_HEAD_KEYS or (not prefix and name in ALL_HEAD_KEYS):
+                        continue  # another head's weights, or the tied lm_head copy
+                    raise ValueError(f"{path}: unexpected tensor {name!r}; it is not a weight of "
+                                     f"{type(self).__name__} with this config.json")
+                want = expected[key]
+                if tuple(tensor.shape) != tuple(want.shape):
+                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(want.shape)}")
+                loaded[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return loaded
+
+    def _materialize_fresh(self, keys: list[str], dtype: torch.dtype, device: str) -> None:
+        std = self.config.initializer_range
+        for key in keys:
+            module_name, _, param_name = key.rpartition(".")
+            module = self.get_submodule(module_name)
+            old = getattr(module, param_name)
+            value = torch.zeros(old.shape, dtype=dtype, device=device)
+            if param_name == "weight":
+                value.normal_(0.0, std)
+            setattr(module, param_name, nn.Parameter(value))
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        (self.model if hasattr(self, "model") else self).set_attn_implementation(implementation)
+
+    # -- saving ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        """Write config.json, generation_config.json and safetensors shards that transformers loads."""
+        if not safe_serialization:
+            raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        shards = _shard(state, parse_size(max_shard_size))
+        first = next(iter(state.values()))
+        config = self.config.replace(architectures=[type(self).__name__],
+                                     dtype=str(first.dtype).removeprefix("torch."))
+
+        with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as tmp:
+            tmp = Path(tmp)
+            names = []
+            for i, shard in enumerate(shards):
+                name = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                names.append(name)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                         "weight_map": {k: names[i] for i, shard in enumerate(shards) for k in sorted(shard)}}
+                (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            self.generation_config.save_json(tmp / "generation_config.json")
+            config.save_json(tmp / "config.json")
+            # Everything is written: drop weights of an earlier save that this one does not replace,
+            # then move the new files in (each os.replace is atomic).
+            written = {p.name for p in tmp.iterdir()}
+            stale = [p for p in target.glob("model*.safetensors*") if p.name not in written]
+            for name in sorted(written, key=lambda n: n == "config.json"):
+                os.replace(tmp / name, target / name)
+            for path in stale:
+                path.unlink()
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict in order into shards of at most max_bytes (a bigger tensor gets its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Copy the tokenizer files of a checkpoint folder (used by tools that re-save a model)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)

@@ -1,0 +1,52 @@
+"""Finding checkpoint files: a local folder, or a hub id through huggingface_hub and its cache.
+
+huggingface_hub honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE itself; nothing here reimplements it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# What a model folder may need; pickle weights are fetched only when the caller allows them.
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
+
+
+def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                   local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
+                   token: str | bool | None = None) -> Path:
+    """Return a local folder holding the checkpoint: `name_or_path` itself, or the hub snapshot."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise ValueError(f"{name}: expected a checkpoint folder, found a file")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name:
+        raise FileNotFoundError(f"{name}: no such checkpoint folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = MODEL_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, token=token))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{name}: not a local folder, and not in the hub cache "
+            f"({'offline mode' if local_files_only or os.environ.get('HF_HUB_OFFLINE') else 'download failed'})"
+        ) from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"{name}: could not fetch from the hub ({e})") from None
+
+
+def resolve_file(name_or_path: str | os.PathLike, filename: str, *, required: bool = True, **hub_kwargs) -> Path | None:
+    """Path of one file of a checkpoint folder (local or hub); None when absent and not required."""
+    folder = resolve_folder(name_or_path, **hub_kwargs)
+    path = folder / filename
+    if path.is_file():
+        return path
+    if required:
+        raise FileNotFoundError(f"{folder}: no {filename}")
+    return None

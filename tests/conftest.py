@@ -1,0 +1,75 @@
+"""Shared helpers: tiny seeded checkpoints written by the reference (transformers) or by us."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NEOX_TOKENIZER = ROOT.parent / "shared" / "data" / "gpt-neox-20b" / "tokenizer.json"
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# Every architecture option and the combinations the official checkpoints use.
+VARIANTS = {
+    "base": {},
+    "qkv_bias": dict(use_qkv_bias=True),
+    "qk_layernorm": dict(qk_layernorm=True),
+    "parallel_residual": dict(use_parallel_residual=True),
+    "gqa": dict(num_key_value_heads=2),
+    "full_rotary": dict(partial_rotary_factor=1.0),
+    "rope_linear": dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    "rope_dynamic": dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=8,
+                         partial_rotary_factor=0.5),
+    "tied": dict(tie_word_embeddings=True),
+    "stablelm2_1_6b": dict(use_qkv_bias=True),
+    "stablelm2_12b": dict(num_key_value_heads=2, qk_layernorm=True, use_parallel_residual=True),
+    "everything": dict(num_key_value_heads=1, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True,
+                       partial_rotary_factor=0.5, rope_scaling={"type": "linear", "factor": 3.0}),
+}
+
+
+def transformers_or_skip():
+    return pytest.importorskip("transformers", reason="the reference (transformers) is a test dependency; "
+                               "pip install -r requirements-test.txt")
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter (LayerNorm weights and biases too) seeded random values of a sane size."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(1.0 + noise if "layernorm" in name or name.endswith("norm.weight") else noise * 2)
+
+
+def reference_model(cls_name: str, overrides: dict, seed: int = 0, **extra):
+    transformers = transformers_or_skip()
+    config = transformers.StableLmConfig(**{**TINY, **overrides, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    perturb_(model, seed)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def padded_batch(seed: int = 0, lengths=(7, 4, 6), vocab: int = 97, side: str = "left"):
+    """input_ids and attention_mask for rows of the given lengths, padded with id 0."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        row = torch.randint(3, vocab, (n,), generator=g)
+        sl = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, sl], mask[i, sl] = row, 1
+    return ids, mask
+
+
+@pytest.fixture
+def tmp_ckpt(tmp_path):
+    return tmp_path / "ckpt"
