@@ -73,3 +73,35 @@ def padded_batch(seed: int = 0, lengths=(7, 4, 6), vocab: int = 97, side: str = 
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"
+
+
+SAMPLE_TEXT = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles and by opposing end them.",
+    "Caf\u00e9 na\u00efve \u65e5\u672c \U0001F916 -- unicode too.",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE of 300 tokens trained on a few lines (ids 0, 1 = end-of-text, padding)."""
+    from stablelm.train import train_tokenizer
+
+    tok = train_tokenizer(SAMPLE_TEXT * 20, 300)
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_checkpoint(path, cls_name: str = "StableLmForCausalLM", seed: int = 0, **overrides):
+    """Our model (vocab 320, ids 0 = eos/bos, 1 = pad) and tokenizer saved to `path`."""
+    import stablelm
+
+    config = stablelm.StableLmConfig(**{**TINY, "vocab_size": 320, "bos_token_id": 0, "eos_token_id": 0,
+                                        "pad_token_id": 1, **overrides})
+    model = getattr(stablelm, cls_name).from_config(config, seed=seed)
+    perturb_(model, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model

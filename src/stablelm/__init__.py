@@ -7,6 +7,8 @@ from .config import StableLmConfig
 from .generation_config import GenerationConfig
 from .model import (StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification,
                     StableLmModel)
+from .pipeline import pipeline
+from .streaming import TextIteratorStreamer, TextStreamer
 from .tokenizer import BatchEncoding, Tokenizer
 
 __version__ = "0.1.0"
@@ -15,5 +17,6 @@ __all__ = [
     "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification", "AutoTokenizer", "BatchEncoding", "GenerationConfig", "KVCache",
     "StableLmConfig", "StableLmForCausalLM", "StableLmForSequenceClassification",
-    "StableLmForTokenClassification", "StableLmModel", "Tokenizer",
+    "StableLmForTokenClassification", "StableLmModel", "TextIteratorStreamer", "TextStreamer", "Tokenizer",
+    "pipeline",
 ]

@@ -1,0 +1,233 @@
+"""`stablelm bench`: load, prefill and decode speed of this library against transformers, same weights.
+
+Each measurement runs in a fresh worker process (so peak RSS is that implementation's own), and the
+two implementations alternate, repeat after repeat, so drift on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Exact shapes of the official checkpoints (see the reference doc's table).
+SHAPES = {
+    "stablelm-2-1_6b": dict(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                            num_attention_heads=32, num_key_value_heads=32, use_qkv_bias=True,
+                            bos_token_id=100257, eos_token_id=100257),
+    "stablelm-3b-4e1t": dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32),
+    "stablelm-2-12b": dict(vocab_size=100352, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                           num_attention_heads=32, num_key_value_heads=8, qk_layernorm=True,
+                           use_parallel_residual=True, bos_token_id=100257, eos_token_id=100257),
+}
+IMPLEMENTATIONS = ("stablelm", "transformers")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", choices=sorted(SHAPES), default="stablelm-2-1_6b", help="official model shape")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quicker runs)")
+    p.add_argument("--dtype", default="bfloat16", help="weights dtype: bfloat16, float16 or float32")
+    p.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization for this library's side")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-reference", action="store_true", help="measure only this library")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/stablelm-bench"),
+                   help="where the random-weight checkpoint is built once")
+    p.add_argument("--json", default="bench.json", help="write the results here")
+    p.add_argument("--chart", default="bench.png", help="draw a PNG chart here (needs matplotlib)")
+    p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+
+
+def build_checkpoint(shape: str, layers: int | None, dtype: str, cache_dir: str) -> Path:
+    """A random-weight checkpoint of the named shape, built once and reused."""
+    import torch
+
+    from .config import StableLmConfig, dtype_from_name
+    from .model import StableLmForCausalLM
+
+    fields = dict(SHAPES[shape])
+    if layers:
+        fields["num_hidden_layers"] = layers
+    path = Path(cache_dir) / f"{shape}-L{fields['num_hidden_layers']}-{dtype}"
+    if (path / "config.json").exists():
+        return path
+    config = StableLmConfig(**fields)
+    torch_dtype = dtype_from_name(dtype)
+    with torch.device("meta"):
+        model = StableLmForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        module = model.get_submodule(name.rpartition(".")[0])
+        if "norm" in name:
+            value = torch.ones(param.shape, dtype=torch_dtype) if name.endswith("weight") else \
+                torch.zeros(param.shape, dtype=torch_dtype)
+        else:
+            value = (torch.randn(param.shape, generator=gen) * 0.02).to(torch_dtype)
+        setattr(module, name.rpartition(".")[2], torch.nn.Parameter(value, requires_grad=False))
+    model.save_pretrained(path)
+    return path
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args) -> dict:
+    """Measure one implementation in this process; print and return its figures."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    if args.worker == "stablelm":
+        from .model import StableLmForCausalLM
+
+        quant = None if args.quantization == "none" else args.quantization
+        kwargs = {"quantization": quant} if quant else {}
+        model = StableLmForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, **kwargs)
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype))
+        model.eval()
+    result = {"load_s": time.perf_counter() - start}
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def generate(ids, n):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+    generate(torch.randint(5, vocab, (1, 8), generator=gen), 2)  # warm-up
+    for length in args.prompt_lengths:
+        ids = torch.randint(5, vocab, (1, length), generator=gen)
+        t0 = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        result[f"prefill_{length}_tok_s"] = length / (time.perf_counter() - t0)
+    ids = torch.randint(5, vocab, (1, args.prompt_lengths[0]), generator=gen)
+    t0 = time.perf_counter()
+    generate(ids, 1)
+    result["ttft_s"] = time.perf_counter() - t0
+    for batch in args.batch_sizes:
+        ids = torch.randint(5, vocab, (batch, 16), generator=gen)
+        t0 = time.perf_counter()
+        generate(ids, 1)
+        t1 = time.perf_counter()
+        out = generate(ids, args.decode_tokens + 1)
+        t2 = time.perf_counter()
+        assert out.shape[1] == 16 + args.decode_tokens + 1
+        result[f"decode_b{batch}_tok_s"] = batch * args.decode_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    result["weights_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(json.dumps(result))
+    return result
+
+
+def run(args) -> int:
+    if args.worker:
+        worker(args)
+        return 0
+    from tqdm import tqdm
+
+    impls = ["stablelm"]
+    if not args.no_reference:
+        try:
+            import transformers  # noqa: F401
+
+            impls.append("transformers")
+        except ImportError:
+            print("transformers is not installed: measuring this library only", file=sys.stderr)
+    print(f"building the {args.shape} checkpoint (cached in {args.cache_dir}) ...", file=sys.stderr)
+    ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
+    runs: dict[str, list[dict]] = {name: [] for name in impls}
+    bar = tqdm(total=args.repeats * len(impls), desc="bench", unit="run")
+    for _ in range(args.repeats):
+        for name in impls:
+            cmd = [sys.executable, "-m", "stablelm.cli", "bench", "--worker", name, "--checkpoint", str(ckpt),
+                   "--dtype", args.dtype, "--quantization", args.quantization, "--decode-tokens",
+                   str(args.decode_tokens), "--prompt-lengths", *map(str, args.prompt_lengths),
+                   "--batch-sizes", *map(str, args.batch_sizes)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name} worker failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            bar.update(1)
+    bar.close()
+    best = {name: _best(results) for name, results in runs.items()}
+    report = {"shape": args.shape, "layers": args.layers, "dtype": args.dtype, "quantization": args.quantization,
+              "threads": args.threads, "repeats": args.repeats, "best": best, "runs": runs}
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(_table(best))
+    if args.chart:
+        _chart(best, args, Path(args.chart))
+    return 0
+
+
+def _best(results: list[dict]) -> dict:
+    """Best of the repeats: the highest rate, the lowest time and memory."""
+    out = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        out[key] = max(values) if key.endswith("tok_s") else min(values)
+        out[key + "_median"] = statistics.median(values)
+    return out
+
+
+def _table(best: dict) -> str:
+    keys = [k for k in best["stablelm"] if not k.endswith("_median")]
+    ref = best.get("transformers")
+    lines = [f"{'metric':<24}{'stablelm':>14}" + (f"{'transformers':>14}{'ratio':>9}" if ref else "")]
+    for key in keys:
+        ours = best["stablelm"][key]
+        line = f"{key:<24}{ours:>14.2f}"
+        if ref:
+            theirs = ref[key]
+            better = ours / theirs if key.endswith("tok_s") else theirs / ours
+            line += f"{theirs:>14.2f}{better:>8.2f}x"
+        lines.append(line)
+    if ref:
+        lines.append("ratio > 1: this library is better (faster, or less time / memory)")
+    return "\n".join(lines)
+
+
+def _chart(best: dict, args, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return
+    keys = [k for k in best["stablelm"] if k.endswith("tok_s") and not k.endswith("_median")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(best)
+    for i, (name, figures) in enumerate(best.items()):
+        ax.bar([j + i * width for j in range(len(keys))], [figures[k] for k in keys], width, label=name)
+    ax.set_xticks([j + width * (len(best) - 1) / 2 for j in range(len(keys))])
+    ax.set_xticklabels([k.removesuffix("_tok_s") for k in keys])
+    ax.set_ylabel("tokens / s (higher is better)")
+    ax.set_yscale("log")
+    quant = "" if args.quantization == "none" else f", {args.quantization}"
+    ax.set_title(f"{args.shape}{f' ({args.layers} layers)' if args.layers else ''}, {args.dtype}{quant}")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

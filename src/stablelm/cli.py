@@ -1,0 +1,217 @@
+"""The `stablelm` command: generate, chat, train, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_NOTE = "default: the bundled demo model (a small StableLM trained on Shakespeare's plays)"
+
+
+def demo_model_path() -> Path:
+    """The folder of the demo checkpoint shipped inside the package."""
+    return Path(__file__).resolve().parent / "demo"
+
+
+class CliError(Exception):
+    """An error reported as one line on stderr, with exit status 1."""
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help=f"checkpoint folder or hub id ({DEMO_NOTE})")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="tokens to generate (default: the model's generation_config, else 200)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    mode.add_argument("--sample", action="store_true", help="sample (the default when the model's config says so)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, > 0")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with this probability, in (0, 1]")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability, in [0, 1]")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablelm", description="StableLM models in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout",
+                         description=f"Continue PROMPT and stream the text to stdout. Model: {DEMO_NOTE}.")
+    gen.add_argument("prompt", help="the text to continue")
+    _add_model_options(gen)
+    _add_sampling_options(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat that keeps the history (uses the chat template)",
+                          description=f"Chat on stdin/stdout with the model's chat template. Model: {DEMO_NOTE}. "
+                                      "Type /reset to clear the history, /exit or end of input to quit.")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.add_argument("--system", help="a system message at the start of the conversation")
+
+    train = sub.add_parser("train", help="train a small StableLM on Shakespeare (the demo model)")
+    train.add_argument("--out", default="runs/demo", help="checkpoint folder to write (resumes if present)")
+    train.add_argument("--steps", type=int, default=1800)
+    train.add_argument("--batch-size", type=int, default=24)
+    train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--eval-every", type=int, default=200)
+    train.add_argument("--max-chars", type=int, default=None, help="train on a slice of the corpus (for tests)")
+    train.add_argument("--hidden-size", type=int, default=256)
+    train.add_argument("--layers", type=int, default=6)
+    train.add_argument("--vocab-size", type=int, default=4096)
+
+    bench = sub.add_parser("bench", help="measure load, prefill and decode speed against transformers")
+    from .bench import add_arguments
+
+    add_arguments(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "bench":
+            from .bench import run
+
+            return run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (CliError, ValueError, FileNotFoundError, TypeError, OSError) as e:
+        print(f"stablelm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load(args):
+    import torch
+
+    from .auto import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.model or demo_model_path()
+    if args.model is None and not (demo_model_path() / "config.json").exists():
+        raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device, revision=args.revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
+    return model, tokenizer
+
+
+def _options(args, model) -> dict:
+    import torch
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    opts = {}
+    if args.max_new_tokens is not None:
+        opts["max_new_tokens"] = args.max_new_tokens
+    elif model.generation_config.max_new_tokens is None:
+        opts["max_new_tokens"] = 200
+    if args.greedy:
+        opts["do_sample"] = False
+    elif args.sample:
+        opts["do_sample"] = True
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.stop:
+        opts["stop_strings"] = args.stop
+    return opts
+
+
+def _generate(args) -> int:
+    from .streaming import TextStreamer
+
+    model, tokenizer = _load(args)
+    enc = tokenizer(args.prompt, return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0:
+        raise CliError("the prompt is empty")
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], streamer=streamer, tokenizer=tokenizer,
+                   **_options(args, model))
+    return 0
+
+
+def _chat(args) -> int:
+    from .streaming import TextStreamer
+
+    model, tokenizer = _load(args)
+    if not tokenizer.chat_template:
+        raise CliError("this model's tokenizer has no chat_template; use `stablelm generate`")
+    options = _options(args, model)
+    if args.model is None and "stop_strings" not in options:
+        options["stop_strings"] = ["\n\n"]  # the demo model ends a speech with a blank line
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        budget = model.config.max_position_embeddings - options.get("max_new_tokens", 0)
+        while True:
+            enc = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt")
+            prompt_len = enc["input_ids"].shape[1]
+            first = 1 if args.system else 0
+            if prompt_len <= budget or len(history) - first <= 1:
+                break
+            del history[first:first + 2]  # forget the oldest exchange to stay within the context
+            print("(dropped the oldest exchange to fit the context)", file=sys.stderr)
+        if prompt_len > budget:
+            print(f"stablelm chat: that message is too long for the model's context ({prompt_len} tokens)",
+                  file=sys.stderr)
+            history.pop()
+            continue
+        out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], tokenizer=tokenizer,
+                             streamer=TextStreamer(tokenizer, skip_prompt=True), **options)
+        reply = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
+        for stop in options.get("stop_strings", []):
+            reply = reply.split(stop)[0]
+        history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def _train(args) -> int:
+    from .train import TrainOptions, train
+
+    opts = TrainOptions(out=args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                        eval_every=args.eval_every, save_every=args.eval_every, max_chars=args.max_chars,
+                        hidden_size=args.hidden_size, num_layers=args.layers, vocab_size=args.vocab_size)
+    out = train(opts)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

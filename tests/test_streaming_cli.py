@@ -1,0 +1,137 @@
+"""Streaming joins to the decoded text; the CLI runs end to end in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import stablelm
+from conftest import tiny_checkpoint, tiny_tokenizer
+
+
+class Collect(stablelm.TextStreamer):
+    def __init__(self, tokenizer, **kw):
+        super().__init__(tokenizer, **kw)
+        self.pieces = []
+
+    def on_text(self, text, stream_end=False):
+        self.pieces.append(text)
+
+
+def test_streamer_never_splits_multibyte_characters():
+    tok = tiny_tokenizer()
+    text = "Caf\u00e9 \u65e5\u672c \U0001F916 na\u00efve\nline two \U0001F916\U0001F916"
+    ids = tok(text).input_ids
+    # One byte-level token per byte for the rare characters: a multi-byte character spans tokens.
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))
+    streamer = Collect(tok, skip_prompt=True)
+    streamer.put(torch.tensor([ids[:1]]))  # the prompt, skipped
+    for i in ids[1:]:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert all("\ufffd" not in p for p in streamer.pieces)
+    assert "".join(streamer.pieces) == tok.decode(ids[1:])
+
+
+def test_streamed_generation_joins_to_decode(tmp_path):
+    model = tiny_checkpoint(tmp_path)
+    tok = stablelm.AutoTokenizer.from_pretrained(tmp_path)
+    enc = tok("To be, or", return_tensors="pt")
+    streamer = Collect(tok, skip_prompt=True)
+    out = model.generate(enc["input_ids"], max_new_tokens=20, do_sample=False, streamer=streamer)
+    assert "".join(streamer.pieces) == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_iterator_streamer_in_a_thread(tmp_path):
+    import threading
+
+    model = tiny_checkpoint(tmp_path)
+    tok = stablelm.AutoTokenizer.from_pretrained(tmp_path)
+    enc = tok("To be", return_tensors="pt")
+    streamer = stablelm.TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=model.generate(
+        enc["input_ids"], max_new_tokens=12, do_sample=False, streamer=streamer)))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == tok.decode(result["out"][0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cli(*args, stdin: str | None = None):
+    return subprocess.run([sys.executable, "-m", "stablelm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    tiny_checkpoint(path, max_position_embeddings=512)
+    return path
+
+
+def test_cli_generate_streams_greedy_text(ckpt):
+    proc = cli("generate", "To be, or", "--model", str(ckpt), "--max-new-tokens", "10", "--greedy")
+    assert proc.returncode == 0, proc.stderr
+    model = stablelm.AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = stablelm.AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("To be, or", return_tensors="pt")["input_ids"]
+    expected = tok.decode(model.generate(ids, max_new_tokens=10, do_sample=False)[0], skip_special_tokens=True)
+    assert proc.stdout == expected + "\n"
+
+
+def test_cli_chat_keeps_history(ckpt):
+    proc = cli("chat", "--model", str(ckpt), "--max-new-tokens", "5", "--greedy", "--system", "Be brief.",
+               stdin="Hello there\nAnd again\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") >= 2
+
+
+def test_chat_sends_the_history(ckpt, monkeypatch):
+    import io
+
+    from stablelm import cli as cli_module
+    from stablelm.tokenizer import Tokenizer
+
+    seen = []
+    original = Tokenizer.apply_chat_template
+
+    def spy(self, conversation, **kw):
+        seen.append([dict(m) for m in conversation])
+        return original(self, conversation, **kw)
+
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd again\n"))
+    assert cli_module.main(["chat", "--model", str(ckpt), "--max-new-tokens", "4", "--greedy",
+                            "--system", "Be brief."]) == 0
+    assert [m["role"] for m in seen[-1]] == ["system", "user", "assistant", "user"]
+    assert seen[-1][1]["content"] == "Hello there" and seen[-1][3]["content"] == "And again"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "x", "--model", "/no/such/folder"], "no such checkpoint folder"),
+    (["generate", "x", "--temperature", "0", "--sample"], "temperature"),
+    (["generate", "x", "--top-p", "1.5"], "top_p"),
+])
+def test_cli_errors_are_one_line(ckpt, args, message):
+    if "--model" not in args:
+        args = args + ["--model", str(ckpt)]
+    proc = cli(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_option_value():
+    proc = cli("generate", "x", "--max-new-tokens", "-3")
+    assert proc.returncode == 2 and "max-new-tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_explains_options():
+    proc = cli("generate", "--help")
+    assert proc.returncode == 0
+    for option in ("--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "demo"):
+        assert option in proc.stdout
