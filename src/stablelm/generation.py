@@ -62,7 +62,11 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         input_ids = input_ids["input_ids"]
     if input_ids is None:
         raise ValueError("generate needs input_ids (B, S)")
-    options.pop("use_cache", None)
+    # Our cache is always static and preallocated: these reference switches have nothing to change.
+    for ignored in ("use_cache", "cache_implementation", "return_dict_in_generate"):
+        if ignored == "return_dict_in_generate" and options.get(ignored):
+            raise ValueError("return_dict_in_generate=True is not supported: generate returns the token ids")
+        options.pop(ignored, None)
     gc = resolve_options(model, generation_config, options)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]

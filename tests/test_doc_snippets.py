@@ -1,0 +1,61 @@
+"""The two snippets of the StableLM documentation page run with only the import changed, offline, from the
+hub cache, and print what the reference prints for the same weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_checkpoint, transformers_or_skip
+
+REPO = "stabilityai/stablelm-3b-4e1t"
+PIPELINE_SNIPPET = '''
+import torch
+from transformers import pipeline
+
+torch.manual_seed(0)
+pipe = pipeline(task="text-generation", model="stabilityai/stablelm-3b-4e1t", dtype=torch.bfloat16, device="cpu")
+output = pipe("Plants create energy through a process known as", max_new_tokens=20)
+print(output[0]["generated_text"])
+'''
+AUTO_SNIPPET = '''
+import torch
+from transformers import AutoTokenizer, AutoModelForCausalLM
+
+tokenizer = AutoTokenizer.from_pretrained("stabilityai/stablelm-3b-4e1t")
+model = AutoModelForCausalLM.from_pretrained("stabilityai/stablelm-3b-4e1t", dtype=torch.bfloat16, attn_implementation="sdpa")
+input_ids = tokenizer("Plants create energy through a process known as", return_tensors="pt").to(model.device)
+output = model.generate(**input_ids, max_length=50, cache_implementation="static")
+print(tokenizer.decode(output[0], skip_special_tokens=True))
+'''
+
+
+@pytest.fixture(scope="module")
+def hub_home(tmp_path_factory):
+    """An HF_HOME whose hub cache holds a tiny checkpoint under the official repo id."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / f"models--{REPO.replace('/', '--')}"
+    commit = "0" * 40
+    model = tiny_checkpoint(repo / "snapshots" / commit, max_position_embeddings=128)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return home
+
+
+def run(snippet: str, home, library: str) -> str:
+    code = snippet.replace("from transformers import", f"from {library} import")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("snippet", [PIPELINE_SNIPPET, AUTO_SNIPPET], ids=["pipeline", "auto"])
+def test_snippet_prints_the_reference_text(snippet, hub_home):
+    transformers_or_skip()
+    ours = run(snippet, hub_home, "stablelm")
+    assert ours.startswith("Plants create energy through a process known as")
+    assert ours == run(snippet, hub_home, "transformers")
