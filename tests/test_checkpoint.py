@@ -158,8 +158,8 @@ def test_pickle_needs_allow_pickle(tmp_ckpt):
         StableLmForCausalLM.from_pretrained(tmp_ckpt)
     loaded = StableLmForCausalLM.from_pretrained(tmp_ckpt, allow_pickle=True, dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7]])
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with torch.no_grad():  # loaded uses the prepacked fast path, model plain nn.Linear: same up to fp32 rounding
+        assert (loaded(ids).logits - model(ids).logits).abs().max() < 1e-6
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
@@ -206,7 +206,9 @@ def test_heads_load_from_a_causal_lm_checkpoint(tmp_ckpt):
     with pytest.warns(UserWarning, match="score.weight"):
         cls = stablelm.AutoModelForSequenceClassification.from_pretrained(tmp_ckpt, num_labels=3)
     assert cls.score.weight.shape == (3, 32) and cls.score.weight.is_floating_point()
-    assert torch.equal(cls.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    ours = cls.state_dict()  # the reference's names, also from the fused inference layout
+    assert torch.equal(ours["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+    assert "score.weight" in ours
     backbone = stablelm.AutoModel.from_pretrained(tmp_ckpt)
     assert torch.equal(backbone.norm.weight, model.model.norm.weight)
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import fast
 from .config import StableLmConfig, dtype_from_name
 from .generation_config import GenerationConfig
 from .hub import resolve_folder
@@ -87,6 +88,7 @@ class PreTrainedModel(nn.Module):
 
     base_prefix = ""  # where the backbone's weights sit in this class's state dict
     head_keys: tuple[str, ...] = ()
+    inference_kind: str | None = None  # set by stablelm.fast.optimize: "mkldnn", "dense", "int8", "int4"
 
     def __init__(self, config: StableLmConfig):
         super().__init__()
@@ -104,6 +106,20 @@ class PreTrainedModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def optimize_for_inference(self, quantization: str | None = None):
+        """Fuse projections and prepack (or quantize to "int8" / "int4") the weights; see stablelm.fast."""
+        return fast.optimize(self, quantization)
+
+    def train(self, mode: bool = True):
+        if mode and fast.is_optimized(self):
+            fast.restore(self)  # training needs plain nn.Linear parameters
+        return super().train(mode)
+
+    def state_dict(self, *args, **kwargs):
+        if fast.is_optimized(self) and not args and not kwargs:
+            return fast.reference_state_dict(self)
+        return super().state_dict(*args, **kwargs)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """The reference's init: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
@@ -137,11 +153,14 @@ class PreTrainedModel(nn.Module):
                         dtype: torch.dtype | str | None = "auto", device: torch.device | str | None = None,
                         attn_implementation: str = "sdpa", revision: str | None = None,
                         local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
-                        token: str | bool | None = None, torch_dtype=None, device_map=None, **config_overrides):
+                        token: str | bool | None = None, torch_dtype=None, device_map=None,
+                        quantization: str | None = None, fast_inference: bool = True, **config_overrides):
         """Load a checkpoint folder or hub id.
 
         dtype: "auto" (the checkpoint's stored dtype), a torch.dtype or its name; None = float32.
         device: where the weights go (read there directly by safetensors).
+        quantization: None, "int8" or "int4" (weight-only; a quantized checkpoint loads as saved).
+        fast_inference: fuse projections and prepack weights for the fastest kernels (undone by .train()).
         config_overrides: config fields to change, e.g. num_labels=3 for a fresh classification head.
         """
         if torch_dtype is not None:  # the name transformers 4.x used
@@ -164,6 +183,10 @@ class PreTrainedModel(nn.Module):
         if dtype == "auto":
             dtype = config.dtype or "float32"
         dtype = dtype_from_name(dtype) if dtype is not None else torch.float32
+        qconfig = config.extra.get("quantization_config")
+        saved_kind = fast.kind_from_config(qconfig, str(folder / "config.json")) if qconfig else None
+        if saved_kind and quantization not in (None, saved_kind):
+            raise ValueError(f"{folder}: the checkpoint is quantized as {saved_kind}; cannot load it as {quantization}")
 
         with torch.device("meta"):
             model = cls(config)
@@ -171,9 +194,9 @@ class PreTrainedModel(nn.Module):
         tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
         if tied:
             expected.pop("lm_head.weight")
-        loaded = model._read_checkpoint(folder, expected, dtype, device, allow_pickle)
+        loaded, quantized = model._read_checkpoint(folder, expected, dtype, device, allow_pickle, saved_kind)
 
-        missing = [k for k in expected if k not in loaded]
+        missing = [k for k in expected if k not in loaded and k not in quantized and f"{k}_scale" not in quantized]
         fresh = [k for k in missing if k in cls.head_keys]
         if len(fresh) != len(missing):
             absent = [k for k in missing if k not in fresh]
@@ -185,6 +208,10 @@ class PreTrainedModel(nn.Module):
             model._materialize_fresh(fresh, dtype, device)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
+        if saved_kind:
+            fast.load_quantized(model, quantized, saved_kind, str(folder))
+        elif quantization or fast_inference:
+            fast.optimize(model, quantization)
         gen_path = folder / "generation_config.json"
         if gen_path.exists():
             model.generation_config = GenerationConfig.from_json_file(gen_path)
@@ -192,17 +219,25 @@ class PreTrainedModel(nn.Module):
         model.set_attn_implementation(attn_implementation)
         return model.eval()
 
-    def _read_checkpoint(self, folder: Path, expected: dict, dtype: torch.dtype, device: str, allow_pickle: bool):
+    def _read_checkpoint(self, folder: Path, expected: dict, dtype: torch.dtype, device: str, allow_pickle: bool,
+                         quantized_kind: str | None = None):
+        """(tensors for load_state_dict, quantized linear tensors kept as stored)."""
         files, is_pickle = weight_files(folder, allow_pickle)
         loaded: dict[str, torch.Tensor] = {}
+        quantized: dict[str, torch.Tensor] = {}
         prefix = self.base_prefix
         for path in files:
             for name, tensor in read_tensors(path, is_pickle, device):
                 key = name
-                if prefix and not key.startswith(prefix) and key not in ALL_HEAD_KEYS:
+                if prefix and not key.startswith(prefix) and key.split(".")[0] not in ("lm_head", "score"):
                     key = prefix + key  # a bare backbone checkpoint loaded under a head
                 elif not prefix and key.startswith("model."):
                     key = key[len("model."):]  # a head checkpoint loaded as the bare backbone
+                if quantized_kind and (key.endswith(("_proj.weight", "_scale", "_zero")) or key == "lm_head.weight"
+                                       or (key.endswith("_proj.bias") and ".self_attn." in key)):
+                    if key.rpartition(".")[0] + ".weight" in expected or key in expected:
+                        quantized[key] = tensor
+                        continue
                 if key not in expected:
                     if key in ALL_HEAD_KEYS or (not prefix and name in ALL_HEAD_KEYS):
                         continue  # another head's weights, or the tied lm_head copy
@@ -213,7 +248,7 @@ class PreTrainedModel(nn.Module):
                     raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(want.shape)}")
                 loaded[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        return loaded
+        return loaded, quantized
 
     def _materialize_fresh(self, keys: list[str], dtype: torch.dtype, device: str) -> None:
         std = self.config.initializer_range
@@ -244,7 +279,9 @@ class PreTrainedModel(nn.Module):
         shards = _shard(state, parse_size(max_shard_size))
         first = next(iter(state.values()))
         config = self.config.replace(architectures=[type(self).__name__],
-                                     dtype=str(first.dtype).removeprefix("torch."))
+                                     dtype=str(first.dtype).removeprefix("torch."), extra=dict(self.config.extra))
+        if self.inference_kind in fast.QUANTIZATIONS:
+            config.extra["quantization_config"] = fast.quantization_config(self.inference_kind)
 
         with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as tmp:
             tmp = Path(tmp)

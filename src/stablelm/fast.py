@@ -1,0 +1,316 @@
+"""Inference layout: fused projections and weights prepared for the fastest CPU kernel.
+
+`optimize(model)` rewrites a loaded model in place: q/k/v and gate/up become one matmul each, and
+every projection's weight is either prepacked for oneDNN (bf16/fp32: streams weights near the
+memory bandwidth, where plain torch bf16 matrix-vector reaches about half) or quantized to int8 /
+int4 for torch's weight-only kernels. `restore(model)` turns it back into plain nn.Linear modules
+(training needs that). The on-disk format never changes: `reference_state_dict` splits the fused
+weights back into the reference's names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP_SIZE = 64
+
+
+def mkldnn_usable(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
+class FastLinear(nn.Module):
+    """y = x W^T (+ b) for one or several fused projections; returns a tuple when fused.
+
+    kind: "dense" (F.linear), "mkldnn" (prepacked oneDNN weight), "int8" (per-row scales),
+    "int4" (asymmetric, per-row groups of `group_size` along the input).
+    """
+
+    def __init__(self, kind: str, splits: list[int] | None, in_features: int, out_features: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        self.kind, self.splits = kind, splits
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self.group_size = group_size
+        self.register_buffer("bias", bias, persistent=False)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_linears(cls, linears: list[nn.Linear], kind: str, fuse: bool = True) -> FastLinear:
+        weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        biases = [lin.bias for lin in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        splits = [lin.out_features for lin in linears] if len(linears) > 1 else None
+        return cls.from_weight(weight, bias, splits, kind)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias, splits, kind: str) -> FastLinear:
+        dtype = weight.dtype
+        if kind in QUANTIZATIONS and dtype == torch.float32:
+            dtype = torch.bfloat16  # torch's weight-only kernels take 16-bit activations
+        module = cls(kind, splits, weight.shape[1], weight.shape[0], None if bias is None else bias.to(dtype), dtype)
+        if kind == "dense":
+            module.register_buffer("weight", weight, persistent=False)
+        elif kind == "mkldnn":
+            module.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1),
+                                   persistent=False)
+        elif kind == "int8":
+            q, scale = quantize_int8(weight)
+            module.set_int8(q, scale.to(dtype))
+        elif kind == "int4":
+            q, scale, zero = quantize_int4(weight, module.group_size)
+            module.set_int4(q, scale, zero)
+        else:
+            raise ValueError(f"unknown linear kind {kind!r}")
+        return module
+
+    def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.register_buffer("weight", q.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.to(self.compute_dtype).contiguous(), persistent=False)
+
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """q (N, K) values 0..15; scale, zero (N, K / group_size)."""
+        self.register_buffer("q4", q.to(torch.uint8), persistent=False)  # kept for saving
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+                             persistent=False)
+        self.register_buffer("scale", scale.contiguous(), persistent=False)
+        self.register_buffer("zero", zero.contiguous(), persistent=False)
+        # The kernel's layout: (K / group, N, 2) pairs of (scale, zero) in the activation dtype.
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.compute_dtype),
+                             persistent=False)
+
+    # -- use ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor):
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.kind == "dense":
+            y = F.linear(x2, self.weight, self.bias)
+        elif self.kind == "mkldnn":
+            y = torch.ops.mkldnn._linear_pointwise(x2.to(self.compute_dtype), self.weight, self.bias, "none", [], "")
+        else:
+            xq = x2.to(self.compute_dtype)
+            if self.kind == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(xq, self.weight, self.scale)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, self.weight, self.group_size, self.scales_and_zeros)
+            if self.bias is not None:
+                y = y + self.bias
+            y = y.to(x.dtype)
+        y = y.view(*shape, self.out_features)
+        return y.split(self.splits, dim=-1) if self.splits else y
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a plain (N, K) tensor (dequantized for int8/int4)."""
+        if self.kind == "dense":
+            return self.weight
+        if self.kind == "mkldnn":
+            return self.weight.to_dense()
+        if self.kind == "int8":
+            return self.weight.to(self.compute_dtype) * self.scale[:, None]
+        groups = self.q4.view(self.out_features, -1, self.group_size).to(self.compute_dtype)
+        w = (groups - 8) * self.scale[..., None].to(self.compute_dtype) + self.zero[..., None].to(self.compute_dtype)
+        return w.view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, kind={self.kind}, splits={self.splits}"
+
+
+# -- quantization --------------------------------------------------------------------------------
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: w ~= q * scale."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups along the input: w ~= (q - 8) * scale + zero, q in 0..15."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"int4 needs in_features ({k}) divisible by the group size {group_size}")
+    w = weight.float().view(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    zero = lo + scale * 8
+    return q.view(n, k).to(torch.uint8), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+
+# -- rewriting a model ---------------------------------------------------------------------------
+def is_optimized(model: nn.Module) -> bool:
+    return getattr(model, "inference_kind", None) is not None
+
+
+def choose_kind(model: nn.Module, quantization: str | None) -> str:
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+        if model.device.type != "cpu":
+            raise ValueError("int8/int4 weight-only kernels are used on the CPU only")
+        return quantization
+    return "mkldnn" if mkldnn_usable(model.dtype, model.device) else "dense"
+
+
+@torch.no_grad()
+def optimize(model: nn.Module, quantization: str | None = None) -> nn.Module:
+    """Fuse projections and prepare weights for inference (in place); returns the model."""
+    if is_optimized(model):
+        if model.inference_kind == (quantization or model.inference_kind):
+            return model
+        restore(model)
+    kind = choose_kind(model, quantization)
+    backbone = model.model if hasattr(model, "model") else model
+    for layer in backbone.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = FastLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], kind)
+        attn.o_proj = FastLinear.from_linears([attn.o_proj], kind)
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        mlp.gate_up_proj = FastLinear.from_linears([mlp.gate_proj, mlp.up_proj], kind)
+        mlp.down_proj = FastLinear.from_linears([mlp.down_proj], kind)
+        del mlp.gate_proj, mlp.up_proj
+    if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
+        model.lm_head = FastLinear.from_linears([model.lm_head], kind)
+    model.inference_kind = backbone.inference_kind = kind
+    return model
+
+
+@torch.no_grad()
+def restore(model: nn.Module) -> nn.Module:
+    """Undo `optimize`: plain nn.Linear modules with dense (dequantized) weights."""
+    if not is_optimized(model):
+        return model
+    backbone = model.model if hasattr(model, "model") else model
+    for layer in backbone.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for name, (module, parts) in {"attn": (attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
+                                       "mlp": (mlp.gate_up_proj, ("gate_proj", "up_proj"))}.items():
+            owner = attn if name == "attn" else mlp
+            weights = module.dense_weight().split(module.splits)
+            biases = module.bias.split(module.splits) if module.bias is not None else [None] * len(parts)
+            for part, w, b in zip(parts, weights, biases):
+                setattr(owner, part, _linear(w, b))
+        del attn.qkv_proj, mlp.gate_up_proj
+        attn.o_proj = _linear(attn.o_proj.dense_weight(), None)
+        mlp.down_proj = _linear(mlp.down_proj.dense_weight(), None)
+    if isinstance(getattr(model, "lm_head", None), FastLinear):
+        model.lm_head = _linear(model.lm_head.dense_weight(), None)
+    model.inference_kind = backbone.inference_kind = None
+    return model
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    with torch.device("meta"):
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight = nn.Parameter(weight.contiguous().clone(), requires_grad=True)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.contiguous().clone(), requires_grad=True)
+    return lin
+
+
+# -- saving --------------------------------------------------------------------------------------
+def reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict under the reference's names; quantized weights as q + scale (+ zero) tensors."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FastLinear):
+            parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+            prefix, _, leaf = name.rpartition(".")
+            names = [f"{prefix}.{p}" if prefix else p for p in parts.get(leaf, (leaf,))]
+            for part, tensors in zip(names, _split_tensors(module)):
+                for suffix, tensor in tensors.items():
+                    state[f"{part}.{suffix}"] = tensor
+        else:
+            for pname, param in module.named_parameters(recurse=False):
+                state[f"{name}.{pname}" if name else pname] = param.detach()
+    return state
+
+
+def _split_tensors(module: FastLinear) -> list[dict[str, torch.Tensor]]:
+    splits = module.splits or [module.out_features]
+    if module.kind == "int8":
+        fields = {"weight": module.weight, "weight_scale": module.scale}
+    elif module.kind == "int4":
+        q = module.q4
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two 4-bit values per byte, low nibble first
+        fields = {"weight": packed, "weight_scale": module.scale, "weight_zero": module.zero}
+    else:
+        fields = {"weight": module.dense_weight()}
+    if module.bias is not None:
+        fields["bias"] = module.bias
+    pieces = [dict() for _ in splits]
+    for key, tensor in fields.items():
+        for piece, chunk in zip(pieces, tensor.split(splits, dim=0)):
+            piece[key] = chunk.contiguous()
+    return pieces
+
+
+# -- loading a quantized checkpoint --------------------------------------------------------------
+def quantization_config(kind: str) -> dict:
+    config = {"quant_method": "stablelm-weight-only", "bits": 8 if kind == "int8" else 4}
+    if kind == "int4":
+        config["group_size"] = INT4_GROUP_SIZE
+    return config
+
+
+def kind_from_config(qconfig: dict, source: str) -> str:
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "stablelm-weight-only" \
+            or qconfig.get("bits") not in (8, 4):
+        raise ValueError(f"{source}: unsupported quantization_config {qconfig!r} "
+                         "(expected quant_method 'stablelm-weight-only' with bits 8 or 4)")
+    if qconfig["bits"] == 4 and qconfig.get("group_size", INT4_GROUP_SIZE) != INT4_GROUP_SIZE:
+        raise ValueError(f"{source}: int4 group_size {qconfig.get('group_size')} is not {INT4_GROUP_SIZE}")
+    return "int8" if qconfig["bits"] == 8 else "int4"
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str, source: str) -> None:
+    """Build the quantized FastLinear modules from saved q / scale / zero tensors (no re-quantizing)."""
+    backbone = model.model if hasattr(model, "model") else model
+    prefix = getattr(model, "base_prefix", "")
+    dtype = backbone.embed_tokens.weight.dtype
+    compute = torch.bfloat16 if dtype == torch.float32 else dtype
+
+    def take(name: str, suffix: str, required: bool = True):
+        key = f"{name}.{suffix}"
+        if key not in tensors:
+            if required:
+                raise ValueError(f"{source}: quantized checkpoint lacks {key}")
+            return None
+        return tensors.pop(key)
+
+    def build(names: list[str]) -> FastLinear:
+        q = [take(n, "weight") for n in names]
+        scale = torch.cat([take(n, "weight_scale") for n in names])
+        biases = [take(n, "bias", required=False) for n in names]
+        bias = None if biases[0] is None else torch.cat(biases).to(compute)
+        splits = [t.shape[0] for t in q] if len(names) > 1 else None
+        out_features = sum(t.shape[0] for t in q)
+        in_features = q[0].shape[1] * (2 if kind == "int4" else 1)
+        module = FastLinear(kind, splits, in_features, out_features, bias, compute)
+        if kind == "int8":
+            module.set_int8(torch.cat(q), scale)
+        else:
+            packed = torch.cat(q)
+            unpacked = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(out_features, in_features)
+            module.set_int4(unpacked, scale, torch.cat([take(n, "weight_zero") for n in names]))
+        return module
+
+    for i, layer in enumerate(backbone.layers):
+        base = f"{prefix}layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = build([f"{base}.self_attn.{p}_proj" for p in "qkv"])
+        attn.o_proj = build([f"{base}.self_attn.o_proj"])
+        mlp.gate_up_proj = build([f"{base}.mlp.gate_proj", f"{base}.mlp.up_proj"])
+        mlp.down_proj = build([f"{base}.mlp.down_proj"])
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+    if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
+        model.lm_head = build(["lm_head"])
+    if tensors:
+        raise ValueError(f"{source}: unexpected quantized tensor(s): {', '.join(sorted(tensors)[:5])}")
+    model.inference_kind = backbone.inference_kind = kind
