@@ -81,6 +81,13 @@ def build_checkpoint(shape: str, layers: int | None, dtype: str, cache_dir: str)
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's before exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -132,7 +139,8 @@ def worker(args) -> dict:
         assert out.shape[1] == 16 + args.decode_tokens + 1
         result[f"decode_b{batch}_tok_s"] = batch * args.decode_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
     result["peak_rss_mb"] = _peak_rss_mb()
-    result["weights_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    result["weights_mb"] = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     print(json.dumps(result))
     return result
 

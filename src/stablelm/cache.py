@@ -61,12 +61,16 @@ class KVCache:
         if needed > self.capacity:
             self._grow(max(needed, 2 * self.capacity))
         device = self.valid.device
-        slots = torch.tensor(start, device=device)[:, None] + torch.arange(num_tokens, device=device)
         new_mask = None if attention_mask is None else attention_mask[:, -num_tokens:].to(device=device, dtype=torch.bool)
         if new_mask is not None and not bool(new_mask.all()):
             self.has_holes = True
-        rows = torch.arange(self.batch_size, device=device)[:, None]
-        self.valid[rows, slots] = True if new_mask is None else new_mask
+        if len(set(start)) == 1:  # aligned rows: plain slices, no index tensors
+            slots = torch.arange(start[0], start[0] + num_tokens, device=device).expand(self.batch_size, num_tokens)
+            self.valid[:, start[0]:start[0] + num_tokens] = True if new_mask is None else new_mask
+        else:
+            slots = torch.tensor(start, device=device)[:, None] + torch.arange(num_tokens, device=device)
+            rows = torch.arange(self.batch_size, device=device)[:, None]
+            self.valid[rows, slots] = True if new_mask is None else new_mask
         self._write_start, self._write_len = start, num_tokens
         self.lengths = [s + num_tokens for s in start]
         return slots

@@ -74,7 +74,6 @@ class FastLinear(nn.Module):
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (N, K) values 0..15; scale, zero (N, K / group_size)."""
-        self.register_buffer("q4", q.to(torch.uint8), persistent=False)  # kept for saving
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
                              persistent=False)
         self.register_buffer("scale", scale.contiguous(), persistent=False)
@@ -112,9 +111,16 @@ class FastLinear(nn.Module):
             return self.weight.to_dense()
         if self.kind == "int8":
             return self.weight.to(self.compute_dtype) * self.scale[:, None]
-        groups = self.q4.view(self.out_features, -1, self.group_size).to(self.compute_dtype)
-        w = (groups - 8) * self.scale[..., None].to(self.compute_dtype) + self.zero[..., None].to(self.compute_dtype)
-        return w.view(self.out_features, self.in_features)
+        # int4: the kernel applied to the identity returns the dequantized weight (transposed).
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.weight.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                          self.scales_and_zeros).t().contiguous()
+
+    def int4_values(self) -> torch.Tensor:
+        """The 4-bit values q (N, K) in 0..15, recovered from the packed kernel weight."""
+        groups = self.dense_weight().float().view(self.out_features, -1, self.group_size)
+        q = (groups - self.zero.float()[..., None]) / self.scale.float()[..., None] + 8
+        return q.round().clamp(0, 15).to(torch.uint8).view(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, kind={self.kind}, splits={self.splits}"
@@ -236,7 +242,7 @@ def _split_tensors(module: FastLinear) -> list[dict[str, torch.Tensor]]:
     if module.kind == "int8":
         fields = {"weight": module.weight, "weight_scale": module.scale}
     elif module.kind == "int4":
-        q = module.q4
+        q = module.int4_values()
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two 4-bit values per byte, low nibble first
         fields = {"weight": packed, "weight_scale": module.scale, "weight_zero": module.zero}
     else:

@@ -138,33 +138,37 @@ def _stopped(sequences: torch.Tensor, eos: torch.Tensor, max_length: int, stops:
 def _sample(model, input_ids, attention_mask, gc: GenerationConfig, max_length: int, eos, stops, streamer):
     batch, prompt_len = input_ids.shape
     cache = KVCache.for_model(model, batch, max_length)
-    sequences = input_ids
+    # Preallocated once: the decode loop only writes into these, whatever the length.
+    sequences = input_ids.new_empty(batch, max_length)
+    sequences[:, :prompt_len] = input_ids
+    mask = attention_mask.new_ones(batch, max_length)
+    mask[:, :prompt_len] = attention_mask
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = prefill(model, input_ids, attention_mask, cache)
     positions = positions_from_mask(attention_mask)[:, -1]
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    ones = attention_mask.new_ones(batch, 1)
+    length = prompt_len
     while True:
-        scores = sampling.process(logits, sequences, sequences.shape[1] - prompt_len, gc, eos)
+        scores = sampling.process(logits, sequences[:, :length], length - prompt_len, gc, eos)
         if gc.do_sample:
             tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             tokens = torch.argmax(scores, dim=-1)
         if len(eos):
             tokens = torch.where(unfinished, tokens, gc.pad_token_id)
-        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        sequences[:, length] = tokens
+        length += 1
         if streamer is not None:
             streamer.put(tokens.cpu())
-        unfinished &= ~_stopped(sequences, eos, max_length, stops)
+        unfinished &= ~_stopped(sequences[:, :length], eos, max_length, stops)
         if not unfinished.any():
             break
-        attention_mask = torch.cat([attention_mask, ones], dim=-1)
         positions = positions + 1
-        logits = decode_step(model, tokens, positions, cache, attention_mask if cache.has_holes else None)
+        logits = decode_step(model, tokens, positions, cache, mask[:, :length] if cache.has_holes else None)
     if streamer is not None:
         streamer.end()
-    return sequences
+    return sequences[:, :length]
 
 
 @torch.inference_mode()
