@@ -72,6 +72,7 @@ class KVCache:
             rows = torch.arange(self.batch_size, device=device)[:, None]
             self.valid[rows, slots] = True if new_mask is None else new_mask
         self._write_start, self._write_len = start, num_tokens
+        self._write_index = None if len(set(start)) == 1 or num_tokens != 1 else torch.tensor(start, device=device)
         self.lengths = [s + num_tokens for s in start]
         return slots
 
@@ -82,6 +83,10 @@ class KVCache:
         if len(set(start)) == 1:
             k_buf[:, :, start[0]:start[0] + s] = key
             v_buf[:, :, start[0]:start[0] + s] = value
+        elif self._write_index is not None:  # one token per row, rows at different slots
+            rows = torch.arange(len(start), device=key.device)
+            k_buf[rows, :, self._write_index] = key[:, :, 0]
+            v_buf[rows, :, self._write_index] = value[:, :, 0]
         else:
             for b, pos in enumerate(start):
                 k_buf[b, :, pos:pos + s] = key[b]
@@ -102,6 +107,35 @@ class KVCache:
             self.valid[b] = False
         if all(n == 0 for n in self.lengths):
             self.has_holes = False
+
+    def narrow(self, rows: int) -> KVCache:
+        """A cache over the first `rows` rows that shares this one's storage (see `absorb`)."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
+        view.valid = self.valid[:rows]
+        view.lengths = self.lengths[:rows]
+        view.has_holes = self.has_holes
+        view._write_start, view._write_len, view._write_index = [], 0, None
+        return view
+
+    def absorb(self, view: KVCache) -> None:
+        """Take back the row lengths of a `narrow` view after a forward through it."""
+        self.lengths[:len(view.lengths)] = view.lengths
+        self.has_holes |= view.has_holes
+
+    def copy_row(self, dst: int, source: KVCache, src: int) -> None:
+        """Put row `src` of `source` (same layers and heads) into row `dst` of this cache."""
+        n = source.lengths[src]
+        if n > self.capacity:
+            raise ValueError(f"a row of {n} tokens does not fit a cache of capacity {self.capacity}")
+        for layer in range(len(self.keys)):
+            self.keys[layer][dst, :, :n] = source.keys[layer][src, :, :n]
+            self.values[layer][dst, :, :n] = source.values[layer][src, :, :n]
+        self.valid[dst] = False
+        self.valid[dst, :n] = source.valid[src, :n]
+        self.lengths[dst] = n
+        self.has_holes |= source.has_holes
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder rows (beam search): row b becomes old row index[b]."""

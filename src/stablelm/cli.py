@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=int, default=6)
     train.add_argument("--vocab-size", type=int, default=4096)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                           description=f"Serve /v1/completions and /v1/chat/completions. Model: {DEMO_NOTE}.")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    serve.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    serve.add_argument("--max-context", type=int, default=None, help="cache length per sequence (default: the model's)")
+    serve.add_argument("--model-name", default=None, help="the model id clients use (default: the --model value)")
+
     bench = sub.add_parser("bench", help="measure load, prefill and decode speed against transformers")
     from .bench import add_arguments
 
@@ -91,6 +103,16 @@ def main(argv: list[str] | None = None) -> int:
             return _chat(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "serve":
+            from .server import serve
+
+            if args.model is None and not (demo_model_path() / "config.json").exists():
+                raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
+            serve(args.model or demo_model_path(), host=args.host, port=args.port, api_key=args.api_key,
+                  dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch,
+                  max_queue=args.max_queue, max_context=args.max_context,
+                  model_name=args.model_name or (args.model or "stablelm-demo"))
+            return 0
         if args.command == "bench":
             from .bench import run
 
