@@ -13,10 +13,18 @@ from .tokenizer import BatchEncoding, Tokenizer
 
 __version__ = "0.1.0"
 
+
+def demo_model_path():
+    """The folder of the demo checkpoint bundled with the package (a small StableLM trained on Shakespeare)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "demo"
+
+
 __all__ = [
     "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification", "AutoTokenizer", "BatchEncoding", "GenerationConfig", "KVCache",
     "StableLmConfig", "StableLmForCausalLM", "StableLmForSequenceClassification",
     "StableLmForTokenClassification", "StableLmModel", "TextIteratorStreamer", "TextStreamer", "Tokenizer",
-    "pipeline",
+    "demo_model_path", "pipeline",
 ]

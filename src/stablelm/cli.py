@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from . import demo_model_path
 
 DEMO_NOTE = "default: the bundled demo model (a small StableLM trained on Shakespeare's plays)"
-
-
-def demo_model_path() -> Path:
-    """The folder of the demo checkpoint shipped inside the package."""
-    return Path(__file__).resolve().parent / "demo"
 
 
 class CliError(Exception):
