@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import stablelm
-from conftest import TINY, VARIANTS, padded_batch, reference_model, transformers_or_skip
+from conftest import TINY, VARIANTS, padded_batch, transformers_or_skip
 from stablelm import StableLmConfig, StableLmForCausalLM
 
 TOL = 1e-4

@@ -39,7 +39,7 @@ def hub_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / f"models--{REPO.replace('/', '--')}"
     commit = "0" * 40
-    model = tiny_checkpoint(repo / "snapshots" / commit, max_position_embeddings=128)
+    tiny_checkpoint(repo / "snapshots" / commit, max_position_embeddings=128)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return home

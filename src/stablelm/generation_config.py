@@ -43,12 +43,9 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> GenerationConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        from .config import read_json_object
+
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_model_config(cls, config) -> GenerationConfig:

@@ -48,15 +48,8 @@ class CausalLMOutput:
 
 
 @dataclass
-class SequenceClassifierOutput:
-    logits: torch.Tensor  # (B, num_labels), pooled at the last non-pad token
-    loss: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def cache(self) -> KVCache | None:
-        return self.past_key_values
+class SequenceClassifierOutput(CausalLMOutput):
+    """logits (B, num_labels), pooled at the last non-pad token."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer as _Backend
 
+from .config import read_json_object
 from .hub import resolve_folder
 
 # Special tokens a tokenizer class brings when its files name none (as the reference's classes do).
@@ -87,10 +88,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).exists():
-                try:
-                    config.update(json.loads((folder / name).read_text(encoding="utf-8")))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{folder / name}: not valid JSON ({e})") from None
+                config.update(read_json_object(folder / name))
         template_path = folder / "chat_template.jinja"
         template = template_path.read_text(encoding="utf-8") if template_path.exists() else None
         tok = cls(backend, config, template)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import time
 from dataclasses import asdict, dataclass
