@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-reference", action="store_true", help="measure only this library")
+    p.add_argument("--serving", action="store_true",
+                   help="serving mode: aggregate tokens/s and time to first token of the continuous-batching "
+                        "engine at --streams concurrent requests")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (serving)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/stablelm-bench"),
                    help="where the random-weight checkpoint is built once")
     p.add_argument("--json", default="bench.json", help="write the results here")
@@ -145,9 +149,64 @@ def worker(args) -> dict:
     return result
 
 
+def serving(args, ckpt: Path) -> dict:
+    """Aggregate decode throughput of the engine with N concurrent requests (greedy, 64-token prompts)."""
+    import threading
+
+    import torch
+
+    from .engine import Engine, Request, SamplingParams
+    from .model import StableLmForCausalLM
+    from .train import train_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quant = None if args.quantization == "none" else args.quantization
+    model = StableLmForCausalLM.from_pretrained(ckpt, dtype=args.dtype, quantization=quant)
+    tokenizer = train_tokenizer(["only used to turn ids into text"], 300)  # the checkpoint has none
+    engine = Engine(model, tokenizer, max_batch=max(args.streams), max_context=128)
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    for streams in [1] + list(args.streams):  # the first round warms up
+        done = threading.Event()
+        tokens, ttft = [], []
+
+        def emit(event, req_box, streams=streams):  # runs on the engine thread: never block here
+            if event.finish_reason:
+                tokens.append(event.completion_tokens)
+                ttft.append(req_box[0].first_token_at - req_box[0].submitted)
+                if len(tokens) == streams:
+                    done.set()
+
+        start = time.perf_counter()
+        for _ in range(streams):
+            box: list = []
+            ids = torch.randint(5, model.config.vocab_size, (64,), generator=gen).tolist()
+            box.append(Request(ids, SamplingParams(max_tokens=args.decode_tokens, temperature=0),
+                               lambda e, b=box: emit(e, b)))
+            engine.submit(box[0])
+        done.wait()
+        wall = time.perf_counter() - start
+        results[f"streams_{streams}"] = {"aggregate_tok_s": sum(tokens) / wall, "mean_ttft_s": sum(ttft) / len(ttft),
+                                         "completion_tokens": sum(tokens), "wall_s": wall}
+    engine.shutdown()
+    return results
+
+
 def run(args) -> int:
     if args.worker:
         worker(args)
+        return 0
+    if args.serving:
+        ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
+        results = serving(args, ckpt)
+        base = results["streams_1"]["aggregate_tok_s"]
+        print(f"{'streams':>8}{'aggregate tok/s':>18}{'vs 1 stream':>13}{'mean TTFT s':>13}")
+        for key, r in results.items():
+            print(f"{key.split('_')[1]:>8}{r['aggregate_tok_s']:>18.2f}{r['aggregate_tok_s'] / base:>12.2f}x"
+                  f"{r['mean_ttft_s']:>13.3f}")
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "layers": args.layers, "dtype": args.dtype,
+                                               "quantization": args.quantization, "serving": results}, indent=1))
         return 0
     from tqdm import tqdm
 
