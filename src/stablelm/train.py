@@ -94,7 +94,8 @@ def play_to_scenes(markdown: str) -> list[str]:
             continue
         line = line.replace("**", "").replace("\\", "")
         if line.strip().startswith("_") and line.strip().endswith("_"):
-            line = "[" + line.strip().strip("_").strip() + "]"
+            inner = line.strip().strip("_").strip()
+            line = inner if inner.startswith("[") else "[" + inner + "]"
         else:
             line = line.replace("_", "")
         if not line.strip():
