@@ -128,3 +128,10 @@ def test_no_chat_template_is_a_clear_error(neox_folder):
     tok = stablelm.AutoTokenizer.from_pretrained(neox_folder)
     with pytest.raises(ValueError, match="chat_template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_from_pretrained_keywords_override_the_config(neox_folder):
+    tok = stablelm.AutoTokenizer.from_pretrained(neox_folder, padding_side="left", pad_token="<|endoftext|>")
+    assert tok.padding_side == "left" and tok.pad_token_id == 0
+    enc = tok(["a b c", "a"], padding=True)
+    assert enc.input_ids[1][0] == 0 and enc.attention_mask[1][0] == 0

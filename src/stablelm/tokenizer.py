@@ -71,9 +71,12 @@ class Tokenizer:
 
     # -- loading / saving --------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> Tokenizer:
-        hub_kwargs = {k: v for k, v in hub_kwargs.items()
-                      if k in ("revision", "local_files_only", "cache_dir", "token")}
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> Tokenizer:
+        """Load tokenizer files; keywords other than the hub's (revision, ...) override tokenizer_config.json
+        entries, e.g. padding_side="left" or pad_token="<|endoftext|>"."""
+        hub_names = ("revision", "local_files_only", "cache_dir", "token")
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in hub_names}
+        overrides = {k: v for k, v in kwargs.items() if k not in hub_names and k not in ("use_fast", "trust_remote_code")}
         folder = resolve_folder(name_or_path, **hub_kwargs)
         path = folder / "tokenizer.json"
         if not path.exists():
@@ -89,6 +92,7 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).exists():
                 config.update(read_json_object(folder / name))
+        config.update(overrides)
         template_path = folder / "chat_template.jinja"
         template = template_path.read_text(encoding="utf-8") if template_path.exists() else None
         tok = cls(backend, config, template)
