@@ -140,8 +140,21 @@ def test_logprobs(client):
     assert all(abs(c.logprob - c.top_logprobs[0].logprob) < 1e-5 for c in content)
 
 
-def test_32_concurrent_streams_equal_solo_greedy(client, server):
-    prompts = [f"To be {i}, or not{' to be' * (i % 4)}" for i in range(32)]
+@pytest.fixture(scope="module")
+def demo_server():
+    import stablelm
+
+    s = Server(stablelm.demo_model_path(), "--max-batch", "32", "--max-queue", "64")
+    yield s
+    s.stop()
+
+
+def test_32_concurrent_streams_equal_solo_greedy(demo_server):
+    """On the demo model: 32 streams at once, each the same as that prompt alone; the engine ends idle."""
+    server = demo_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    speakers = ["ROMEO", "JULIET", "HAMLET", "KING LEAR", "PORTIA", "FALSTAFF", "OTHELLO", "MACBETH"]
+    prompts = [f"{speakers[i % 8]}:\n{'O ' * (i // 8)}What news" for i in range(32)]
     solo = [greedy(client, p) for p in prompts]
     results = [None] * 32
 

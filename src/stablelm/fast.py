@@ -49,9 +49,7 @@ class FastLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias, splits, kind: str) -> FastLinear:
-        dtype = weight.dtype
-        if kind in QUANTIZATIONS and dtype == torch.float32:
-            dtype = torch.bfloat16  # torch's weight-only kernels take 16-bit activations
+        dtype = weight.dtype  # the kernels take activations in the model's dtype (fp32 too)
         module = cls(kind, splits, weight.shape[1], weight.shape[0], None if bias is None else bias.to(dtype), dtype)
         if kind == "dense":
             module.register_buffer("weight", weight, persistent=False)
@@ -279,8 +277,7 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
     """Build the quantized FastLinear modules from saved q / scale / zero tensors (no re-quantizing)."""
     backbone = model.model if hasattr(model, "model") else model
     prefix = getattr(model, "base_prefix", "")
-    dtype = backbone.embed_tokens.weight.dtype
-    compute = torch.bfloat16 if dtype == torch.float32 else dtype
+    compute = backbone.embed_tokens.weight.dtype
 
     def take(name: str, suffix: str, required: bool = True):
         key = f"{name}.{suffix}"
