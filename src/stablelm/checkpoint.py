@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import shutil
 import tempfile
 import warnings
@@ -76,11 +77,43 @@ def read_tensors(path: Path, is_pickle: bool, device: str):
         yield from state.items()
         return
     try:
-        with safe_open(path, framework="pt", device=device) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        with safe_open(path, framework="pt", device=device) as f:  # validates the header against the file size
+            if device != "cpu":
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+                return
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
+    yield from _read_safetensors(path)
+
+
+_SAFE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path):
+    """Read each tensor of a (validated) safetensors file into its own memory with plain file reads.
+
+    safetensors' own loader maps the file: its pages then count in this process's memory until every
+    tensor from it is freed, so converting weights (fusing, packing) would hold two copies at once.
+    """
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            dtype = _SAFE_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which no StableLM weight uses")
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if end > start:
+                f.seek(base + start)
+                if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                    raise ValueError(f"{path}: tensor {name!r} is truncated")
+            yield name, tensor
 
 
 class PreTrainedModel(nn.Module):
@@ -203,6 +236,7 @@ class PreTrainedModel(nn.Module):
             raise ValueError(f"{folder}: checkpoint lacks {len(absent)} tensor(s) the model needs: "
                              f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}")
         model.load_state_dict(loaded, strict=False, assign=True)
+        del loaded, expected  # the modules hold the tensors now; fusing below must be able to free them
         if fresh:
             warnings.warn(f"{folder}: {', '.join(fresh)} not in the checkpoint; initialised randomly (train the head)")
             model._materialize_fresh(fresh, dtype, device)

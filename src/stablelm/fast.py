@@ -40,8 +40,18 @@ class FastLinear(nn.Module):
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_linears(cls, linears: list[nn.Linear], kind: str, fuse: bool = True) -> FastLinear:
-        weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+    def from_linears(cls, linears: list[nn.Linear], kind: str, scratch: torch.Tensor | None = None) -> FastLinear:
+        """One module for `linears` (fused when several). scratch: a flat buffer for the concatenated weight
+        when it is only an intermediate (prepacking copies it), so loading does not allocate one per layer."""
+        weights = [lin.weight.detach() for lin in linears]
+        if len(weights) == 1:
+            weight = weights[0]
+        else:
+            rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+            usable = kind == "mkldnn" and scratch is not None and scratch.numel() >= rows * cols \
+                and scratch.dtype == weights[0].dtype
+            out = scratch[:rows * cols].view(rows, cols) if usable else None
+            weight = torch.cat(weights, out=out) if out is not None else torch.cat(weights)
         biases = [lin.bias for lin in linears]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         splits = [lin.out_features for lin in linears] if len(linears) > 1 else None
@@ -170,12 +180,18 @@ def optimize(model: nn.Module, quantization: str | None = None) -> nn.Module:
         restore(model)
     kind = choose_kind(model, quantization)
     backbone = model.model if hasattr(model, "model") else model
+    config = model.config
+    scratch = None
+    if kind == "mkldnn":
+        size = config.hidden_size * max(2 * config.intermediate_size,
+                                        (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim)
+        scratch = torch.empty(size, dtype=model.dtype, device=model.device)
     for layer in backbone.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = FastLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], kind)
+        attn.qkv_proj = FastLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], kind, scratch)
         attn.o_proj = FastLinear.from_linears([attn.o_proj], kind)
         del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = FastLinear.from_linears([mlp.gate_proj, mlp.up_proj], kind)
+        mlp.gate_up_proj = FastLinear.from_linears([mlp.gate_proj, mlp.up_proj], kind, scratch)
         mlp.down_proj = FastLinear.from_linears([mlp.down_proj], kind)
         del mlp.gate_proj, mlp.up_proj
     if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
