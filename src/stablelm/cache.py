@@ -29,10 +29,9 @@ class KVCache:
     def for_model(cls, model, batch_size: int, capacity: int) -> KVCache:
         """A cache shaped for `model` (a StableLm* module), on its device and in its dtype."""
         config = model.config
-        param = next(model.parameters())
-        dtype = param.dtype if param.is_floating_point() else torch.bfloat16
+        param = next(model.parameters())  # the embedding: the activations' dtype and device
         return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim,
-                   capacity, dtype=getattr(model, "compute_dtype", dtype), device=param.device)
+                   capacity, dtype=param.dtype, device=param.device)
 
     @property
     def batch_size(self) -> int:

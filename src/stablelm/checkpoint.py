@@ -11,7 +11,6 @@ import json
 import os
 import re
 import struct
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -353,9 +352,3 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
         size += nbytes
     return shards
 
-
-def copy_tokenizer_files(source: Path, target: Path) -> None:
-    """Copy the tokenizer files of a checkpoint folder (used by tools that re-save a model)."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (source / name).exists():
-            shutil.copy2(source / name, target / name)
