@@ -7,6 +7,7 @@ two implementations alternate, repeat after repeat, so drift on a shared machine
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -28,6 +29,8 @@ SHAPES = {
                            use_parallel_residual=True, bos_token_id=100257, eos_token_id=100257),
 }
 IMPLEMENTATIONS = ("stablelm", "transformers")
+# In a source checkout (pip install -e .), the reference side's script sits in the repository.
+REFERENCE_WORKER = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_worker.py"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the random-weight checkpoint is built once")
     p.add_argument("--json", default="bench.json", help="write the results here")
     p.add_argument("--chart", default="bench.png", help="draw a PNG chart here (needs matplotlib)")
+    p.add_argument("--reference-worker", default=str(REFERENCE_WORKER),
+                   help="the script that measures transformers (default: benchmarks/reference_worker.py)")
     p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
 
@@ -96,26 +101,26 @@ def _peak_rss_mb() -> float:
 
 
 def worker(args) -> dict:
-    """Measure one implementation in this process; print and return its figures."""
+    """Measure this library in this process; print and return its figures."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    from .model import StableLmForCausalLM
+
     start = time.perf_counter()
-    if args.worker == "stablelm":
-        from .model import StableLmForCausalLM
+    quant = None if args.quantization == "none" else args.quantization
+    model = StableLmForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, quantization=quant)
+    return measure(model, args, time.perf_counter() - start)
 
-        quant = None if args.quantization == "none" else args.quantization
-        kwargs = {"quantization": quant} if quant else {}
-        model = StableLmForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, **kwargs)
-    else:
-        import transformers
 
-        transformers.logging.set_verbosity_error()
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype))
-        model.eval()
-    result = {"load_s": time.perf_counter() - start}
+def measure(model, args, load_s: float) -> dict:
+    """Prefill, time to first token and decode figures of a loaded model (ours or the reference's)."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    result = {"load_s": load_s}
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -211,21 +216,23 @@ def run(args) -> int:
     from tqdm import tqdm
 
     impls = ["stablelm"]
+    reference_worker = Path(args.reference_worker)
     if not args.no_reference:
-        try:
-            import transformers  # noqa: F401
-
-            impls.append("transformers")
-        except ImportError:
+        # The reference side runs from a script beside the package: the library never imports transformers.
+        if importlib.util.find_spec("transformers") is None:
             print("transformers is not installed: measuring this library only", file=sys.stderr)
+        elif not reference_worker.exists():
+            print(f"no reference worker at {reference_worker}: measuring this library only", file=sys.stderr)
+        else:
+            impls.append("transformers")
     print(f"building the {args.shape} checkpoint (cached in {args.cache_dir}) ...", file=sys.stderr)
     ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
     runs: dict[str, list[dict]] = {name: [] for name in impls}
     bar = tqdm(total=args.repeats * len(impls), desc="bench", unit="run")
     for _ in range(args.repeats):
         for name in impls:
-            cmd = [sys.executable, "-m", "stablelm.cli", "bench", "--worker", name, "--checkpoint", str(ckpt),
-                   "--dtype", args.dtype, "--quantization", args.quantization, "--decode-tokens",
+            entry = ["-m", "stablelm.cli", "bench"] if name == "stablelm" else [str(reference_worker)]
+            cmd = [sys.executable, *entry, "--worker", name, "--checkpoint", str(ckpt), "--dtype", args.dtype, "--quantization", args.quantization, "--decode-tokens",
                    str(args.decode_tokens), "--prompt-lengths", *map(str, args.prompt_lengths),
                    "--batch-sizes", *map(str, args.batch_sizes)]
             if args.threads:
