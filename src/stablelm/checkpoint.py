@@ -7,6 +7,7 @@ file by file, so a failed save leaves an existing checkpoint as it was.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -110,7 +111,9 @@ def _read_safetensors(path: Path):
             tensor = torch.empty(info["shape"], dtype=dtype)
             if end > start:
                 f.seek(base + start)
-                if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                # Read straight into the tensor's memory (no numpy, no zero-filled intermediate).
+                target = (ctypes.c_char * (end - start)).from_address(tensor.data_ptr())
+                if f.readinto(target) != end - start:
                     raise ValueError(f"{path}: tensor {name!r} is truncated")
             yield name, tensor
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from . import demo_model_path
 
@@ -117,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (CliError, ValueError, FileNotFoundError, TypeError, OSError) as e:
         print(f"stablelm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else is a bug: still one line (STABLELM_DEBUG=1 shows the traceback)
+        if os.environ.get("STABLELM_DEBUG"):
+            raise
+        print(f"stablelm {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 
