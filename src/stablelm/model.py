@@ -69,6 +69,7 @@ class RotaryEmbedding:
         self.inv_freq = self._inv_freq(config.rope_theta)
         if config.rope_type == "linear":
             self.inv_freq /= config.rope_scaling["factor"]
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # copies, so decode steps copy nothing
 
     def _inv_freq(self, base) -> torch.Tensor:
         r = self.rotary_dim
@@ -77,7 +78,10 @@ class RotaryEmbedding:
 
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, S) -> cos, sin (B, S, rotary_dim) in `dtype`."""
-        inv_freq = self.inv_freq
+        device = position_ids.device
+        if device not in self._on_device:
+            self._on_device[device] = self.inv_freq.to(device)
+        inv_freq = self._on_device[device]
         config = self.config
         if config.rope_type == "dynamic":
             seq_len = torch.max(position_ids).cpu() + 1
@@ -85,8 +89,7 @@ class RotaryEmbedding:
                 r, factor = self.rotary_dim, config.rope_scaling["factor"]
                 base = config.rope_theta * (
                     (factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (r / (r - 2))
-                inv_freq = self._inv_freq(base)
-        inv_freq = inv_freq.to(position_ids.device)
+                inv_freq = self._inv_freq(base).to(device)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)

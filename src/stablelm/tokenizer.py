@@ -159,7 +159,11 @@ class Tokenizer:
 
     # -- encoding ----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._with_specials(self.backend.encode(text, add_special_tokens=add_special_tokens).ids,
+                                   add_special_tokens)
+
+    def _with_specials(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        """Apply add_bos_token / add_eos_token where the backend's post-processor does not."""
         if add_special_tokens and not self._backend_adds_specials:
             if self.add_bos_token and self.bos_token_id is not None:
                 ids = [self.bos_token_id] + ids
@@ -177,9 +181,8 @@ class Tokenizer:
         texts = [text] if single else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
-        encoded = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)] \
-            if not (add_special_tokens and not self._backend_adds_specials and (self.add_bos_token or self.add_eos_token)) \
-            else [self.encode(t, add_special_tokens) for t in texts]
+        encoded = [self._with_specials(e.ids, add_special_tokens)
+                   for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
         if truncation and truncation != "do_not_truncate":
             limit = max_length if max_length is not None else self.model_max_length
             side = self.truncation_side
