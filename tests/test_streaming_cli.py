@@ -135,3 +135,21 @@ def test_cli_help_explains_options():
     assert proc.returncode == 0
     for option in ("--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "demo"):
         assert option in proc.stdout
+
+
+def test_cli_quantize_writes_a_loadable_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny_checkpoint(ckpt, hidden_size=64, intermediate_size=128)  # int4 groups are 64 inputs wide
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(["To be, or not to be, that is the question."] * 40))
+    out = tmp_path / "q4"
+    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(out), "--model", str(ckpt),
+                           "--calibration", str(text), "--samples", "4", "--seq-len", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = stablelm.AutoModelForCausalLM.from_pretrained(out)
+    assert model.inference_kind == "int4" and model.model.layers[0].mlp.down_proj.kind == "int8"
+    assert stablelm.AutoTokenizer.from_pretrained(out)("To be").input_ids
+    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(tmp_path / "x"), "--model", str(ckpt),
+                           "--calibration", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "missing.txt" in proc.stderr

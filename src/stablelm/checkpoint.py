@@ -219,7 +219,8 @@ class PreTrainedModel(nn.Module):
             dtype = config.dtype or "float32"
         dtype = dtype_from_name(dtype) if dtype is not None else torch.float32
         qconfig = config.extra.get("quantization_config")
-        saved_kind = fast.kind_from_config(qconfig, str(folder / "config.json")) if qconfig else None
+        saved_kind, int8_modules = fast.kind_from_config(qconfig, str(folder / "config.json")) if qconfig \
+            else (None, ())
         if saved_kind and quantization not in (None, saved_kind):
             raise ValueError(f"{folder}: the checkpoint is quantized as {saved_kind}; cannot load it as {quantization}")
 
@@ -245,7 +246,7 @@ class PreTrainedModel(nn.Module):
         if hasattr(model, "tie_weights"):
             model.tie_weights()
         if saved_kind:
-            fast.load_quantized(model, quantized, saved_kind, str(folder))
+            fast.load_quantized(model, quantized, saved_kind, str(folder), int8_modules)
         elif quantization or fast_inference:
             fast.optimize(model, quantization)
         gen_path = folder / "generation_config.json"
@@ -317,7 +318,7 @@ class PreTrainedModel(nn.Module):
         config = self.config.replace(architectures=[type(self).__name__],
                                      dtype=str(first.dtype).removeprefix("torch."), extra=dict(self.config.extra))
         if self.inference_kind in fast.QUANTIZATIONS:
-            config.extra["quantization_config"] = fast.quantization_config(self.inference_kind)
+            config.extra["quantization_config"] = fast.quantization_config(self)
 
         with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as tmp:
             tmp = Path(tmp)

@@ -1,4 +1,4 @@
-"""The `stablelm` command: generate, chat, train, bench."""
+"""The `stablelm` command: generate, chat, train, serve, quantize, bench."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-context", type=int, default=None, help="cache length per sequence (default: the model's)")
     serve.add_argument("--model-name", default=None, help="the model id clients use (default: the --model value)")
 
+    quant = sub.add_parser("quantize", help="write a weight-only int8 / int4 checkpoint (int4 with GPTQ)",
+                           description="Quantize a checkpoint and save it; from_pretrained loads the result as is. "
+                                       "int4 uses GPTQ on --calibration text (round-to-nearest without it); "
+                                       f"model: {DEMO_NOTE}.")
+    quant.add_argument("out", help="folder to write (config, quantized safetensors, tokenizer files)")
+    _add_model_options(quant)
+    quant.add_argument("--bits", type=int, choices=[8, 4], default=4)
+    quant.add_argument("--calibration", help="a UTF-8 text file for GPTQ (int4); without it int4 rounds to nearest")
+    quant.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    quant.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    quant.add_argument("--int8-modules", default="down_proj",
+                       help="comma-separated projections GPTQ keeps at int8 (default down_proj; '' for none)")
+    quant.add_argument("--seed", type=int, default=0, help="picks the calibration windows")
+
     bench = sub.add_parser("bench", help="measure load, prefill and decode speed against transformers")
     from .bench import add_arguments
 
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                   max_queue=args.max_queue, max_context=args.max_context,
                   model_name=args.model_name or (args.model or "stablelm-demo"))
             return 0
+        if args.command == "quantize":
+            return _quantize(args)
         if args.command == "bench":
             from .bench import run
 
@@ -222,6 +238,37 @@ def _chat(args) -> int:
         for stop in options.get("stop_strings", []):
             reply = reply.split(stop)[0]
         history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def _quantize(args) -> int:
+    import torch
+
+    from .auto import AutoModelForCausalLM, AutoTokenizer
+    from .quantize import calibration_windows, gptq_quantize
+
+    path = args.model or demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
+    if args.bits == 4 and args.calibration:
+        try:
+            text = open(args.calibration, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--calibration {args.calibration}: cannot read it as UTF-8 text ({e})") from None
+        windows = calibration_windows(tokenizer(text).input_ids, args.samples, args.seq_len, args.seed)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, revision=args.revision,
+                                                     fast_inference=False)
+        modules = tuple(name.strip() for name in args.int8_modules.split(",") if name.strip())
+        with torch.no_grad():
+            gptq_quantize(model, windows, int8_modules=modules)
+    else:
+        if args.calibration:
+            raise CliError("--calibration is for --bits 4 (GPTQ); int8 rounds to nearest")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, revision=args.revision,
+                                                     quantization="int8" if args.bits == 8 else "int4")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out} ({model.inference_kind}"
+          f"{', GPTQ on ' + str(args.calibration) if args.bits == 4 and args.calibration else ''})")
     return 0
 
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8
+
 QUANTIZATIONS = ("int8", "int4")
-INT4_GROUP_SIZE = 64
 
 
 def mkldnn_usable(dtype: torch.dtype, device: torch.device) -> bool:
@@ -40,9 +41,26 @@ class FastLinear(nn.Module):
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_linears(cls, linears: list[nn.Linear], kind: str, scratch: torch.Tensor | None = None) -> FastLinear:
+    def from_linears(cls, linears: list[nn.Linear], kind: str, scratch: torch.Tensor | None = None,
+                     quantized: dict | None = None) -> FastLinear:
         """One module for `linears` (fused when several). scratch: a flat buffer for the concatenated weight
-        when it is only an intermediate (prepacking copies it), so loading does not allocate one per layer."""
+        when it is only an intermediate (prepacking copies it), so loading does not allocate one per layer.
+        quantized: {linear: ("int4", q, scale, zero) or ("int8", q, scale)} computed elsewhere (GPTQ), used
+        instead of rounding here."""
+        biases = [lin.bias for lin in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        splits = [lin.out_features for lin in linears] if len(linears) > 1 else None
+        if quantized and all(lin in quantized for lin in linears):
+            kinds = {quantized[lin][0] for lin in linears}
+            if len(kinds) != 1:
+                raise ValueError(f"fused projections must share one quantization, got {sorted(kinds)}")
+            kind = kinds.pop()
+            parts = [torch.cat(tensors) for tensors in zip(*(quantized[lin][1:] for lin in linears))]
+            dtype = linears[0].weight.dtype
+            in_features = linears[0].in_features
+            module = cls(kind, splits, in_features, parts[0].shape[0], None if bias is None else bias.to(dtype), dtype)
+            module.set_int4(*parts) if kind == "int4" else module.set_int8(*parts)
+            return module
         weights = [lin.weight.detach() for lin in linears]
         if len(weights) == 1:
             weight = weights[0]
@@ -52,9 +70,6 @@ class FastLinear(nn.Module):
                 and scratch.dtype == weights[0].dtype
             out = scratch[:rows * cols].view(rows, cols) if usable else None
             weight = torch.cat(weights, out=out) if out is not None else torch.cat(weights)
-        biases = [lin.bias for lin in linears]
-        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        splits = [lin.out_features for lin in linears] if len(linears) > 1 else None
         return cls.from_weight(weight, bias, splits, kind)
 
     @classmethod
@@ -134,28 +149,6 @@ class FastLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, kind={self.kind}, splits={self.splits}"
 
 
-# -- quantization --------------------------------------------------------------------------------
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-row int8: w ~= q * scale."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 in groups along the input: w ~= (q - 8) * scale + zero, q in 0..15."""
-    n, k = weight.shape
-    if k % group_size:
-        raise ValueError(f"int4 needs in_features ({k}) divisible by the group size {group_size}")
-    w = weight.float().view(n, k // group_size, group_size)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
-    zero = lo + scale * 8
-    return q.view(n, k).to(torch.uint8), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-
-
 # -- rewriting a model ---------------------------------------------------------------------------
 def is_optimized(model: nn.Module) -> bool:
     return getattr(model, "inference_kind", None) is not None
@@ -172,8 +165,10 @@ def choose_kind(model: nn.Module, quantization: str | None) -> str:
 
 
 @torch.no_grad()
-def optimize(model: nn.Module, quantization: str | None = None) -> nn.Module:
-    """Fuse projections and prepare weights for inference (in place); returns the model."""
+def optimize(model: nn.Module, quantization: str | None = None, quantized: dict | None = None) -> nn.Module:
+    """Fuse projections and prepare weights for inference (in place); returns the model.
+
+    quantized: {nn.Linear: (kind, q, scale[, zero])} computed elsewhere (GPTQ); see FastLinear.from_linears."""
     if is_optimized(model):
         if model.inference_kind == (quantization or model.inference_kind):
             return model
@@ -188,11 +183,11 @@ def optimize(model: nn.Module, quantization: str | None = None) -> nn.Module:
         scratch = torch.empty(size, dtype=model.dtype, device=model.device)
     for layer in backbone.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = FastLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], kind, scratch)
-        attn.o_proj = FastLinear.from_linears([attn.o_proj], kind)
+        attn.qkv_proj = FastLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], kind, scratch, quantized)
+        attn.o_proj = FastLinear.from_linears([attn.o_proj], kind, quantized=quantized)
         del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = FastLinear.from_linears([mlp.gate_proj, mlp.up_proj], kind, scratch)
-        mlp.down_proj = FastLinear.from_linears([mlp.down_proj], kind)
+        mlp.gate_up_proj = FastLinear.from_linears([mlp.gate_proj, mlp.up_proj], kind, scratch, quantized)
+        mlp.down_proj = FastLinear.from_linears([mlp.down_proj], kind, quantized=quantized)
         del mlp.gate_proj, mlp.up_proj
     if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
         model.lm_head = FastLinear.from_linears([model.lm_head], kind)
@@ -271,26 +266,53 @@ def _split_tensors(module: FastLinear) -> list[dict[str, torch.Tensor]]:
 
 
 # -- loading a quantized checkpoint --------------------------------------------------------------
-def quantization_config(kind: str) -> dict:
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The `quantization_config` entry of config.json for a quantized model."""
+    kind = model.inference_kind
     config = {"quant_method": "stablelm-weight-only", "bits": 8 if kind == "int8" else 4}
     if kind == "int4":
         config["group_size"] = INT4_GROUP_SIZE
+        int8_modules = int8_projections(model)
+        if int8_modules:
+            config["int8_modules"] = int8_modules
     return config
 
 
-def kind_from_config(qconfig: dict, source: str) -> str:
+def int8_projections(model: nn.Module) -> list[str]:
+    """Projection names kept at int8 in an int4 model (a mixed recipe such as GPTQ's default)."""
+    names = set()
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, module in model.named_modules():
+        if isinstance(module, FastLinear) and module.kind == "int8":
+            leaf = name.rpartition(".")[2]
+            names.update(fused.get(leaf, (leaf,)))
+    return sorted(names)
+
+
+def kind_from_config(qconfig: dict, source: str) -> tuple[str, tuple[str, ...]]:
+    """(kind, projections kept at int8) from a `quantization_config`, or a ValueError naming what is wrong."""
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "stablelm-weight-only" \
             or qconfig.get("bits") not in (8, 4):
         raise ValueError(f"{source}: unsupported quantization_config {qconfig!r} "
                          "(expected quant_method 'stablelm-weight-only' with bits 8 or 4)")
     if qconfig["bits"] == 4 and qconfig.get("group_size", INT4_GROUP_SIZE) != INT4_GROUP_SIZE:
         raise ValueError(f"{source}: int4 group_size {qconfig.get('group_size')} is not {INT4_GROUP_SIZE}")
-    return "int8" if qconfig["bits"] == 8 else "int4"
+    int8_modules = qconfig.get("int8_modules", [])
+    if not isinstance(int8_modules, list) or any(name not in PROJECTIONS + ("lm_head",) for name in int8_modules):
+        raise ValueError(f"{source}: quantization_config int8_modules {int8_modules!r} must list names among "
+                         f"{PROJECTIONS + ('lm_head',)}")
+    return ("int8" if qconfig["bits"] == 8 else "int4"), tuple(int8_modules)
 
 
 @torch.no_grad()
-def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str, source: str) -> None:
-    """Build the quantized FastLinear modules from saved q / scale / zero tensors (no re-quantizing)."""
+def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str, source: str,
+                   int8_modules: tuple[str, ...] = ()) -> None:
+    """Build the quantized FastLinear modules from saved q / scale / zero tensors (no re-quantizing).
+
+    int8_modules: projection names stored at int8 in an int4 checkpoint."""
     backbone = model.model if hasattr(model, "model") else model
     prefix = getattr(model, "base_prefix", "")
     compute = backbone.embed_tokens.weight.dtype
@@ -304,15 +326,26 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
         return tensors.pop(key)
 
     def build(names: list[str]) -> FastLinear:
+        leaves = {n.rpartition(".")[2] for n in names}
+        mixed = kind == "int4" and leaves & set(int8_modules)
+        if mixed and leaves - set(int8_modules):
+            raise ValueError(f"{source}: int8_modules lists only part of the fused {sorted(leaves)}")
+        module_kind = "int8" if mixed else kind
+        stored = "int4" if f"{names[0]}.weight_zero" in tensors else "int8"
+        if stored != module_kind:
+            raise ValueError(f"{source}: {names[0]} is stored as {stored} but quantization_config implies {module_kind}")
         q = [take(n, "weight") for n in names]
+        want = torch.uint8 if module_kind == "int4" else torch.int8
+        if any(t.dtype != want for t in q):
+            raise ValueError(f"{source}: {names[0]}.weight has dtype {q[0].dtype}, {module_kind} stores {want}")
         scale = torch.cat([take(n, "weight_scale") for n in names])
         biases = [take(n, "bias", required=False) for n in names]
         bias = None if biases[0] is None else torch.cat(biases).to(compute)
         splits = [t.shape[0] for t in q] if len(names) > 1 else None
         out_features = sum(t.shape[0] for t in q)
-        in_features = q[0].shape[1] * (2 if kind == "int4" else 1)
-        module = FastLinear(kind, splits, in_features, out_features, bias, compute)
-        if kind == "int8":
+        in_features = q[0].shape[1] * (2 if module_kind == "int4" else 1)
+        module = FastLinear(module_kind, splits, in_features, out_features, bias, compute)
+        if module_kind == "int8":
             module.set_int8(torch.cat(q), scale)
         else:
             packed = torch.cat(q)
