@@ -7,6 +7,7 @@ file by file, so a failed save leaves an existing checkpoint as it was.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -66,7 +67,8 @@ def weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
 
 
 def read_tensors(path: Path, is_pickle: bool, device: str):
-    """Yield (name, tensor) from one weight file, with errors that name the file."""
+    """Yield (name, tensor) from one weight file, with errors that name the file; safetensors on the CPU
+    yield FileTensor handles (read when needed)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: listed in the shard index but missing")
     if is_pickle:
@@ -92,30 +94,94 @@ _SAFE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
                 "BOOL": torch.bool}
 
 
-def _read_safetensors(path: Path):
-    """Read each tensor of a (validated) safetensors file into its own memory with plain file reads.
+class FileTensor:
+    """A tensor still in a safetensors file: `read()` it, or `read_into` a buffer of its dtype."""
 
-    safetensors' own loader maps the file: its pages then count in this process's memory until every
-    tensor from it is freed, so converting weights (fusing, packing) would hold two copies at once.
+    def __init__(self, path: Path, name: str, offset: int, shape: list[int], dtype: torch.dtype):
+        self.path, self.name, self.offset, self.shape, self.dtype = path, name, offset, torch.Size(shape), dtype
+        self.nbytes = self.shape.numel() * dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def read(self) -> torch.Tensor:
+        return self.read_into(torch.empty(self.shape, dtype=self.dtype))
+
+    def read_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Plain file reads straight into `out`'s memory (contiguous, this dtype, this many elements)."""
+        if out.dtype != self.dtype or out.numel() != self.shape.numel() or not out.is_contiguous():
+            raise ValueError(f"{self.path}: cannot read {self.name!r} into a {out.dtype} tensor of {out.numel()}")
+        if self.nbytes:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                target = (ctypes.c_char * self.nbytes).from_address(out.data_ptr())  # no numpy, no intermediate
+                if f.readinto(target) != self.nbytes:
+                    raise ValueError(f"{self.path}: tensor {self.name!r} is truncated")
+        return out.view(self.shape)
+
+
+def _read_safetensors(path: Path):
+    """Yield (name, FileTensor) for each tensor of a (validated) safetensors file, in file order.
+
+    Tensors are read with plain file reads, not through safetensors' memory map: mapped pages count in this
+    process's memory until every tensor from the file is freed, so converting the weights (fusing, packing)
+    would hold two copies at once.
     """
     with open(path, "rb") as f:
         header_len = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        base = 8 + header_len
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            start, end = info["data_offsets"]
-            dtype = _SAFE_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which no StableLM weight uses")
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            if end > start:
-                f.seek(base + start)
-                # Read straight into the tensor's memory (no numpy, no zero-filled intermediate).
-                target = (ctypes.c_char * (end - start)).from_address(tensor.data_ptr())
-                if f.readinto(target) != end - start:
-                    raise ValueError(f"{path}: tensor {name!r} is truncated")
-            yield name, tensor
+    header.pop("__metadata__", None)
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype = _SAFE_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which no StableLM weight uses")
+        yield name, FileTensor(path, name, 8 + header_len + info["data_offsets"][0], info["shape"], dtype)
+
+
+class StagedWeights:
+    """Projection weights left in their files until `fast.optimize` packs them (its `fetch`).
+
+    Each group (q/k/v, gate/up, ...) is read straight into the optimizer's reused staging buffer and packed
+    from there, so loading allocates the packed weights once and nothing else: faster, and peak memory is
+    about the weights' size.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.entries: dict[str, FileTensor] = {}
+
+    def __call__(self, keys: list[str], out: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [self.entries.pop(key) for key in keys]
+        rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
+        stored = {p.dtype for p in parts}
+        direct = stored == {self.dtype} and out is not None
+        staging = out if direct else torch.empty(rows, cols, dtype=parts[0].dtype)
+        row = 0
+        for part in parts:
+            part.read_into(staging[row:row + part.shape[0]])
+            row += part.shape[0]
+        if direct or staging.dtype == self.dtype:
+            return staging
+        return out.copy_(staging) if out is not None else staging.to(self.dtype)
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules on the meta device without running their initialisers.
+
+    Under torch.device("meta") every nn.init call goes through torch's Python reference ops, whose
+    first use imports torch._dynamo: over a second of a checkpoint's load, for values nobody reads.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 class PreTrainedModel(nn.Module):
@@ -224,15 +290,18 @@ class PreTrainedModel(nn.Module):
         if saved_kind and quantization not in (None, saved_kind):
             raise ValueError(f"{folder}: the checkpoint is quantized as {saved_kind}; cannot load it as {quantization}")
 
-        with torch.device("meta"):
+        with skip_init():
             model = cls(config)
         expected = {k: v for k, v in model.state_dict().items()}
         tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
         if tied:
             expected.pop("lm_head.weight")
-        loaded, quantized = model._read_checkpoint(folder, expected, dtype, device, allow_pickle, saved_kind)
+        optimize = not saved_kind and (quantization or fast_inference)
+        staged = StagedWeights(dtype) if optimize and device == "cpu" else None
+        loaded, quantized = model._read_checkpoint(folder, expected, dtype, device, allow_pickle, saved_kind, staged)
 
-        missing = [k for k in expected if k not in loaded and k not in quantized and f"{k}_scale" not in quantized]
+        missing = [k for k in expected if k not in loaded and k not in quantized and f"{k}_scale" not in quantized
+                   and (staged is None or k not in staged.entries)]
         fresh = [k for k in missing if k in cls.head_keys]
         if len(fresh) != len(missing):
             absent = [k for k in missing if k not in fresh]
@@ -247,8 +316,10 @@ class PreTrainedModel(nn.Module):
             model.tie_weights()
         if saved_kind:
             fast.load_quantized(model, quantized, saved_kind, str(folder), int8_modules)
-        elif quantization or fast_inference:
-            fast.optimize(model, quantization)
+        elif optimize:
+            fast.optimize(model, quantization, fetch=staged)
+            if staged is not None and staged.entries:
+                raise ValueError(f"{folder}: tensor(s) not used by the model: {', '.join(sorted(staged.entries)[:5])}")
         gen_path = folder / "generation_config.json"
         if gen_path.exists():
             model.generation_config = GenerationConfig.from_json_file(gen_path)
@@ -257,8 +328,10 @@ class PreTrainedModel(nn.Module):
         return model.eval()
 
     def _read_checkpoint(self, folder: Path, expected: dict, dtype: torch.dtype, device: str, allow_pickle: bool,
-                         quantized_kind: str | None = None):
-        """(tensors for load_state_dict, quantized linear tensors kept as stored)."""
+                         quantized_kind: str | None = None, staged: StagedWeights | None = None):
+        """(tensors for load_state_dict, quantized linear tensors kept as stored).
+
+        staged: collects the projection weights that fast.optimize will read itself (left out of the first)."""
         files, is_pickle = weight_files(folder, allow_pickle)
         loaded: dict[str, torch.Tensor] = {}
         quantized: dict[str, torch.Tensor] = {}
@@ -273,7 +346,7 @@ class PreTrainedModel(nn.Module):
                 if quantized_kind and (key.endswith(("_proj.weight", "_scale", "_zero")) or key == "lm_head.weight"
                                        or (key.endswith("_proj.bias") and ".self_attn." in key)):
                     if key.rpartition(".")[0] + ".weight" in expected or key in expected:
-                        quantized[key] = tensor
+                        quantized[key] = tensor.read() if isinstance(tensor, FileTensor) else tensor
                         continue
                 if key not in expected:
                     if key in ALL_HEAD_KEYS or (not prefix and name in ALL_HEAD_KEYS):
@@ -284,6 +357,12 @@ class PreTrainedModel(nn.Module):
                 if tuple(tensor.shape) != tuple(want.shape):
                     raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(want.shape)}")
+                if staged is not None and isinstance(tensor, FileTensor) \
+                        and (key.endswith("_proj.weight") or key == "lm_head.weight"):
+                    staged.entries[key] = tensor
+                    continue
+                if isinstance(tensor, FileTensor):
+                    tensor = tensor.read()
                 loaded[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         return loaded, quantized
 

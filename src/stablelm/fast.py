@@ -41,10 +41,12 @@ class FastLinear(nn.Module):
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_linears(cls, linears: list[nn.Linear], kind: str, scratch: torch.Tensor | None = None,
+    def from_linears(cls, linears: list[nn.Linear], kind: str, weight: torch.Tensor | None = None,
                      quantized: dict | None = None) -> FastLinear:
-        """One module for `linears` (fused when several). scratch: a flat buffer for the concatenated weight
-        when it is only an intermediate (prepacking copies it), so loading does not allocate one per layer.
+        """One module for `linears` (fused when several).
+
+        weight: their concatenated (out, in) weight when the caller already has it (read from the file into
+        a staging buffer); by default the linears' own weights are concatenated.
         quantized: {linear: ("int4", q, scale, zero) or ("int8", q, scale)} computed elsewhere (GPTQ), used
         instead of rounding here."""
         biases = [lin.bias for lin in linears]
@@ -61,15 +63,9 @@ class FastLinear(nn.Module):
             module = cls(kind, splits, in_features, parts[0].shape[0], None if bias is None else bias.to(dtype), dtype)
             module.set_int4(*parts) if kind == "int4" else module.set_int8(*parts)
             return module
-        weights = [lin.weight.detach() for lin in linears]
-        if len(weights) == 1:
-            weight = weights[0]
-        else:
-            rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
-            usable = kind == "mkldnn" and scratch is not None and scratch.numel() >= rows * cols \
-                and scratch.dtype == weights[0].dtype
-            out = scratch[:rows * cols].view(rows, cols) if usable else None
-            weight = torch.cat(weights, out=out) if out is not None else torch.cat(weights)
+        if weight is None:
+            weights = [lin.weight.detach() for lin in linears]
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         return cls.from_weight(weight, bias, splits, kind)
 
     @classmethod
@@ -165,10 +161,14 @@ def choose_kind(model: nn.Module, quantization: str | None) -> str:
 
 
 @torch.no_grad()
-def optimize(model: nn.Module, quantization: str | None = None, quantized: dict | None = None) -> nn.Module:
+def optimize(model: nn.Module, quantization: str | None = None, quantized: dict | None = None,
+             fetch=None) -> nn.Module:
     """Fuse projections and prepare weights for inference (in place); returns the model.
 
-    quantized: {nn.Linear: (kind, q, scale[, zero])} computed elsewhere (GPTQ); see FastLinear.from_linears."""
+    quantized: {nn.Linear: (kind, q, scale[, zero])} computed elsewhere (GPTQ); see FastLinear.from_linears.
+    fetch: fetch(state-dict names, out) -> their weights concatenated by rows, for projections whose weights
+    are still on the meta device (the loader reads them from the file only now, into `out` when given).
+    """
     if is_optimized(model):
         if model.inference_kind == (quantization or model.inference_kind):
             return model
@@ -176,21 +176,40 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
     kind = choose_kind(model, quantization)
     backbone = model.model if hasattr(model, "model") else model
     config = model.config
+    names = {id(module): name for name, module in model.named_modules()}  # ids: replaced modules must be freed
     scratch = None
-    if kind == "mkldnn":
+    if kind != "dense":  # the packed / quantized weight is a copy: read and fuse through one reused buffer
         size = config.hidden_size * max(2 * config.intermediate_size,
                                         (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim)
         scratch = torch.empty(size, dtype=model.dtype, device=model.device)
+
+    def fused(linears: list[nn.Linear]) -> FastLinear:
+        if quantized and all(lin in quantized for lin in linears):
+            return FastLinear.from_linears(linears, kind, quantized=quantized)
+        rows, cols = sum(lin.out_features for lin in linears), linears[0].in_features
+        out = scratch[:rows * cols].view(rows, cols) if scratch is not None and scratch.numel() >= rows * cols else None
+        if linears[0].weight.is_meta:
+            if fetch is None:
+                raise ValueError(f"{names[id(linears[0])]} has no weight to optimize")
+            weight = fetch([names[id(lin)] + ".weight" for lin in linears], out)
+        elif len(linears) > 1:
+            weights = [lin.weight.detach() for lin in linears]
+            weight = torch.cat(weights, out=out) if out is not None else torch.cat(weights)
+        else:
+            weight = linears[0].weight.detach()
+        return FastLinear.from_linears(linears, kind, weight)
+
+    if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
+        # First: its weight does not fit the staging buffer, and a transient copy costs least while little is packed.
+        model.lm_head = fused([model.lm_head])
     for layer in backbone.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = FastLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], kind, scratch, quantized)
-        attn.o_proj = FastLinear.from_linears([attn.o_proj], kind, quantized=quantized)
+        attn.qkv_proj = fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.o_proj = fused([attn.o_proj])
         del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = FastLinear.from_linears([mlp.gate_proj, mlp.up_proj], kind, scratch, quantized)
-        mlp.down_proj = FastLinear.from_linears([mlp.down_proj], kind, quantized=quantized)
+        mlp.gate_up_proj = fused([mlp.gate_proj, mlp.up_proj])
+        mlp.down_proj = fused([mlp.down_proj])
         del mlp.gate_proj, mlp.up_proj
-    if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
-        model.lm_head = FastLinear.from_linears([model.lm_head], kind)
     model.inference_kind = backbone.inference_kind = kind
     return model
 
@@ -220,7 +239,9 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    with torch.device("meta"):
+    from .checkpoint import skip_init
+
+    with skip_init():
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     lin.weight = nn.Parameter(weight.contiguous().clone(), requires_grad=True)
     if bias is not None:
