@@ -93,8 +93,10 @@ class FastLinear(nn.Module):
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (N, K) values 0..15; scale, zero (N, K / group_size)."""
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
-                             persistent=False)
+        # The packed layout is blocks of 64 rows, so row chunks (multiples of 64) pack independently.
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk.to(torch.int32), 1)
+                            for chunk in q.split(1024)])
+        self.register_buffer("weight", packed, persistent=False)
         self.register_buffer("scale", scale.contiguous(), persistent=False)
         self.register_buffer("zero", zero.contiguous(), persistent=False)
         # The kernel's layout: (K / group, N, 2) pairs of (scale, zero) in the activation dtype.
