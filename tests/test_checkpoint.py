@@ -241,3 +241,22 @@ def test_cached_incremental_forward_equals_full(variant):
         stepped = torch.cat(pieces, dim=1)
     real = mask.bool()
     assert (stepped[real] - full[real]).abs().max() < TOL
+
+
+def test_loading_stays_light(tmp_path):
+    """from_pretrained leaves nn.init as it was and never imports torch._dynamo (that alone costs ~1 s)."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "ckpt", hidden_size=64, intermediate_size=128)
+    code = ("import sys, torch, stablelm\n"
+            "normal = torch.nn.init.normal_\n"
+            f"m = stablelm.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})\n"
+            "assert torch.nn.init.normal_ is normal\n"
+            "assert m.inference_kind == 'mkldnn'\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
