@@ -169,3 +169,16 @@ def test_bad_int8_modules_in_config(ckpt, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="stored as int4"):
         stablelm.StableLmForCausalLM.from_pretrained(tmp_path / "q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_prompt_path_matches_decode_path(dtype):
+    """Many rows take the convert-and-matmul path, few rows torch's int8 kernel: same numbers."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 128, generator=g).to(dtype)
+    module = fast.FastLinear.from_weight(weight, None, None, "int8")
+    x = torch.randn(fast.INT8_DENSE_MIN_ROWS + 6, 128, generator=g).to(dtype)
+    many = module(x).float()
+    few = torch.cat([module(row[None]) for row in x]).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one extra rounding of the output
+    assert (many - few).abs().max() <= tolerance * few.abs().max()
