@@ -3,7 +3,9 @@
 `optimize(model)` rewrites a loaded model in place: q/k/v and gate/up become one matmul each, and
 every projection's weight is either prepacked for oneDNN (bf16/fp32: streams weights near the
 memory bandwidth, where plain torch bf16 matrix-vector reaches about half) or quantized to int8 /
-int4 for torch's weight-only kernels. `restore(model)` turns it back into plain nn.Linear modules
+int4 for torch's weight-only kernels (rounded here, or given by GPTQ: see stablelm.quantize). When loading,
+weights still in the file are read group by group into one staging buffer and packed from there.
+`restore(model)` turns it back into plain nn.Linear modules
 (training needs that). The on-disk format never changes: `reference_state_dict` splits the fused
 weights back into the reference's names.
 """
