@@ -171,14 +171,23 @@ def test_bad_int8_modules_in_config(ckpt, tmp_path):
         stablelm.StableLmForCausalLM.from_pretrained(tmp_path / "q")
 
 
+@pytest.mark.parametrize("kind,rows", [("int8", fast.INT8_DENSE_MIN_ROWS), ("int4", fast.INT4_DENSE_MIN_ROWS)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_prompt_path_matches_decode_path(dtype):
-    """Many rows take the convert-and-matmul path, few rows torch's int8 kernel: same numbers."""
+def test_quantized_prompt_path_matches_decode_path(kind, rows, dtype):
+    """Many rows take the dequantize-and-matmul path, few rows torch's int8/int4 kernel: same numbers."""
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 128, generator=g).to(dtype)
-    module = fast.FastLinear.from_weight(weight, None, None, "int8")
-    x = torch.randn(fast.INT8_DENSE_MIN_ROWS + 6, 128, generator=g).to(dtype)
+    weight = torch.randn(128, 128, generator=g).to(dtype)
+    module = fast.FastLinear.from_weight(weight, None, None, kind)
+    x = torch.randn(rows + 6, 128, generator=g).to(dtype)
     many = module(x).float()
     few = torch.cat([module(row[None]) for row in x]).float()
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one extra rounding of the output
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: rounded in a different order
     assert (many - few).abs().max() <= tolerance * few.abs().max()
+
+
+def test_int4_unpacking_knows_torchs_layout():
+    assert fast.int4_layout_known()
+    q = torch.randint(0, 16, (192, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    module = fast.FastLinear("int4", None, 256, 192, None, torch.float32)
+    module.set_int4(q, torch.rand(192, 4).bfloat16(), torch.rand(192, 4).bfloat16())
+    assert module.unpackable and torch.equal(module.int4_values(), q)

@@ -12,6 +12,8 @@ weights back into the reference's names.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,28 @@ QUANTIZATIONS = ("int8", "int4")
 # From this many rows (prompt tokens) on, int8 layers convert their weight and use the dense matmul: torch's
 # int8 kernel is built for decoding (2048x11264: equal at 64 rows, 3.9x slower at 512).
 INT8_DENSE_MIN_ROWS = 64
+# The same for int4, where unpacking costs more (2048x11264: equal near 200 rows, 1.6x faster at 512).
+INT4_DENSE_MIN_ROWS = 256
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The (n, k) values 0..15 of torch's CPU int4 packing, as `dtype`.
+
+    That packing stores each block of 64 rows as k x 32 bytes: byte i of column c holds row i in its low
+    nibble and row 32 + i in its high nibble (checked against torch by `int4_layout_known`).
+    """
+    blocks = packed.view(n // 64, k, 32).transpose(1, 2)  # (n / 64, 32, k)
+    values = torch.empty(n // 64, 64, k, dtype=dtype)
+    values[:, :32] = blocks & 0xF
+    values[:, 32:] = blocks >> 4
+    return values.view(n, k)
+
+
+@functools.cache
+def int4_layout_known() -> bool:
+    q = torch.randint(0, 16, (128, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return packed.shape == (128, 64) and torch.equal(unpack_int4(packed, 128, 128).int(), q)
 
 
 def mkldnn_usable(dtype: torch.dtype, device: torch.device) -> bool:
@@ -108,6 +132,19 @@ class FastLinear(nn.Module):
         self.register_buffer("scales_and_zeros",
                              torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.compute_dtype),
                              persistent=False)
+        # For prompts: w = q * scale + (zero - 8 * scale), one multiply-add over the unpacked values.
+        self.unpackable = q.shape[0] % 64 == 0 and int4_layout_known()
+        self.register_buffer("offset", (zero.float() - 8 * scale.float()).to(self.compute_dtype), persistent=False)
+
+    def dequantized_int4(self) -> torch.Tensor:
+        """The int4 weight as a dense (N, K) tensor in the compute dtype."""
+        n, k = self.out_features, self.in_features
+        if not self.unpackable:  # the kernel applied to the identity returns it (transposed)
+            eye = torch.eye(k, dtype=self.compute_dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                              self.scales_and_zeros).t().contiguous()
+        values = unpack_int4(self.weight, n, k, self.compute_dtype).view(n, -1, self.group_size)
+        return values.mul_(self.scale.to(self.compute_dtype)[..., None]).add_(self.offset[..., None]).view(n, k)
 
     # -- use ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor):
@@ -124,6 +161,8 @@ class FastLinear(nn.Module):
                 y = F.linear(xq, self.weight.to(self.compute_dtype)) * self.scale
             elif self.kind == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(xq, self.weight, self.scale)
+            elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.unpackable:
+                y = F.linear(xq, self.dequantized_int4())
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, self.weight, self.group_size, self.scales_and_zeros)
             if self.bias is not None:
@@ -140,13 +179,12 @@ class FastLinear(nn.Module):
             return self.weight.to_dense()
         if self.kind == "int8":
             return self.weight.to(self.compute_dtype) * self.scale[:, None]
-        # int4: the kernel applied to the identity returns the dequantized weight (transposed).
-        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.weight.device)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
-                                                          self.scales_and_zeros).t().contiguous()
+        return self.dequantized_int4()
 
     def int4_values(self) -> torch.Tensor:
         """The 4-bit values q (N, K) in 0..15, recovered from the packed kernel weight."""
+        if self.unpackable:
+            return unpack_int4(self.weight, self.out_features, self.in_features)
         groups = self.dense_weight().float().view(self.out_features, -1, self.group_size)
         q = (groups - self.zero.float()[..., None]) / self.scale.float()[..., None] + 8
         return q.round().clamp(0, 15).to(torch.uint8).view(self.out_features, self.in_features)
