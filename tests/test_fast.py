@@ -178,11 +178,14 @@ def test_quantized_prompt_path_matches_decode_path(kind, rows, dtype):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(128, 128, generator=g).to(dtype)
     module = fast.FastLinear.from_weight(weight, None, None, kind)
+    module.workspace = fast.Workspace(weight.numel())  # as optimize shares one between a model's layers
     x = torch.randn(rows + 6, 128, generator=g).to(dtype)
     many = module(x).float()
     few = torch.cat([module(row[None]) for row in x]).float()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: rounded in a different order
     assert (many - few).abs().max() <= tolerance * few.abs().max()
+    module.workspace.buffer.fill_(7)  # whatever the buffer held before, the result is the same
+    assert torch.equal(module(x).float(), many)
 
 
 def test_int4_unpacking_knows_torchs_layout():

@@ -13,6 +13,7 @@ weights back into the reference's names.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -21,24 +22,55 @@ from torch import nn
 from .quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8
 
 QUANTIZATIONS = ("int8", "int4")
-# From this many rows (prompt tokens) on, int8 layers convert their weight and use the dense matmul: torch's
-# int8 kernel is built for decoding (2048x11264: equal at 64 rows, 3.9x slower at 512).
-INT8_DENSE_MIN_ROWS = 64
-# The same for int4, where unpacking costs more (2048x11264: equal near 200 rows, 1.6x faster at 512).
-INT4_DENSE_MIN_ROWS = 256
+# From this many rows (prompt tokens) on, quantized layers dequantize their weight into a reused buffer and
+# use the dense (AMX) matmul: torch's int8/int4 kernels are built for decoding. Measured on 2048x11264:
+# int8 equal at 16 rows, 3.6x faster at 64; int4 (unpacking costs more) equal at 128, 1.5x faster at 256.
+INT8_DENSE_MIN_ROWS = 16
+INT4_DENSE_MIN_ROWS = 192  # in a whole model 128 rows were no faster
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """The (n, k) values 0..15 of torch's CPU int4 packing, as `dtype`.
+def unpack_int4(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype = torch.uint8,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (n, k) values 0..15 of torch's CPU int4 packing, as `dtype` (into `out` when given).
 
     That packing stores each block of 64 rows as k x 32 bytes: byte i of column c holds row i in its low
     nibble and row 32 + i in its high nibble (checked against torch by `int4_layout_known`).
     """
     blocks = packed.view(n // 64, k, 32).transpose(1, 2)  # (n / 64, 32, k)
-    values = torch.empty(n // 64, 64, k, dtype=dtype)
+    values = torch.empty(n // 64, 64, k, dtype=dtype) if out is None else out.view(n // 64, 64, k)
     values[:, :32] = blocks & 0xF
     values[:, 32:] = blocks >> 4
     return values.view(n, k)
+
+
+class Workspace(threading.local):
+    """Memory reused for weights dequantized per call, one buffer per thread: a fresh 46 MB tensor costs
+    ~20 ms of page faults, ten times the conversion itself."""
+
+    def __init__(self, limit: int):
+        self.limit, self.buffer = limit, None
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A (rows, cols) view of the buffer, or None when it would be bigger than `limit` elements."""
+        if rows * cols > self.limit:
+            return None
+        if self.buffer is None or self.buffer.dtype != dtype:
+            self.buffer = torch.empty(self.limit, dtype=dtype)
+        return self.buffer[:rows * cols].view(rows, cols)
+
+
+def largest_projection(config) -> int:
+    """Elements of the biggest fused projection weight (q/k/v or gate/up) of a layer."""
+    return config.hidden_size * max(2 * config.intermediate_size,
+                                    (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim)
+
+
+def share_workspace(model: nn.Module) -> None:
+    """Give every quantized FastLinear of `model` one Workspace sized for a layer's biggest projection."""
+    workspace = Workspace(largest_projection(model.config))
+    for module in model.modules():
+        if isinstance(module, FastLinear) and module.kind in QUANTIZATIONS:
+            module.workspace = workspace
 
 
 @functools.cache
@@ -58,6 +90,8 @@ class FastLinear(nn.Module):
     kind: "dense" (F.linear), "mkldnn" (prepacked oneDNN weight), "int8" (per-row scales),
     "int4" (asymmetric, per-row groups of `group_size` along the input).
     """
+
+    workspace: Workspace | None = None  # shared by a model's quantized layers (see share_workspace)
 
     def __init__(self, kind: str, splits: list[int] | None, in_features: int, out_features: int,
                  bias: torch.Tensor | None, dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE):
@@ -136,14 +170,14 @@ class FastLinear(nn.Module):
         self.unpackable = q.shape[0] % 64 == 0 and int4_layout_known()
         self.register_buffer("offset", (zero.float() - 8 * scale.float()).to(self.compute_dtype), persistent=False)
 
-    def dequantized_int4(self) -> torch.Tensor:
-        """The int4 weight as a dense (N, K) tensor in the compute dtype."""
+    def dequantized_int4(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The int4 weight as a dense (N, K) tensor in the compute dtype (written into `out` when given)."""
         n, k = self.out_features, self.in_features
         if not self.unpackable:  # the kernel applied to the identity returns it (transposed)
             eye = torch.eye(k, dtype=self.compute_dtype)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                               self.scales_and_zeros).t().contiguous()
-        values = unpack_int4(self.weight, n, k, self.compute_dtype).view(n, -1, self.group_size)
+        values = unpack_int4(self.weight, n, k, self.compute_dtype, out).view(n, -1, self.group_size)
         return values.mul_(self.scale.to(self.compute_dtype)[..., None]).add_(self.offset[..., None]).view(n, k)
 
     # -- use ---------------------------------------------------------------------------------
@@ -158,11 +192,15 @@ class FastLinear(nn.Module):
             xq = x2.to(self.compute_dtype)
             if self.kind == "int8" and x2.shape[0] >= INT8_DENSE_MIN_ROWS:
                 # q is exact in bf16: one conversion plus the dense (AMX) matmul beats the int8 kernel here
-                y = F.linear(xq, self.weight.to(self.compute_dtype)) * self.scale
+                buffer = self.workspace and self.workspace.take(*self.weight.shape, self.compute_dtype)
+                weight = buffer.copy_(self.weight) if buffer is not None else self.weight.to(self.compute_dtype)
+                y = F.linear(xq, weight) * self.scale
             elif self.kind == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(xq, self.weight, self.scale)
             elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.unpackable:
-                y = F.linear(xq, self.dequantized_int4())
+                buffer = self.workspace and self.workspace.take(self.out_features, self.in_features,
+                                                                self.compute_dtype)
+                y = F.linear(xq, self.dequantized_int4(buffer))
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, self.weight, self.group_size, self.scales_and_zeros)
             if self.bias is not None:
@@ -227,9 +265,7 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
     names = {id(module): name for name, module in model.named_modules()}  # ids: replaced modules must be freed
     scratch = None
     if kind != "dense":  # the packed / quantized weight is a copy: read and fuse through one reused buffer
-        size = config.hidden_size * max(2 * config.intermediate_size,
-                                        (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim)
-        scratch = torch.empty(size, dtype=model.dtype, device=model.device)
+        scratch = torch.empty(largest_projection(config), dtype=model.dtype, device=model.device)
 
     def fused(linears: list[nn.Linear]) -> FastLinear:
         if quantized and all(lin in quantized for lin in linears):
@@ -259,6 +295,7 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
         mlp.down_proj = fused([mlp.down_proj])
         del mlp.gate_proj, mlp.up_proj
     model.inference_kind = backbone.inference_kind = kind
+    share_workspace(model)
     return model
 
 
@@ -435,3 +472,4 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
     if tensors:
         raise ValueError(f"{source}: unexpected quantized tensor(s): {', '.join(sorted(tensors)[:5])}")
     model.inference_kind = backbone.inference_kind = kind
+    share_workspace(model)
