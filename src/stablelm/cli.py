@@ -247,6 +247,8 @@ def _quantize(args) -> int:
     from .auto import AutoModelForCausalLM, AutoTokenizer
     from .quantize import calibration_windows, gptq_quantize
 
+    if args.device not in (None, "cpu"):
+        raise CliError("quantize runs on the CPU (torch's int8/int4 kernels are CPU kernels); drop --device")
     path = args.model or demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     if args.bits == 4 and args.calibration:
