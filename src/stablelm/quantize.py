@@ -18,8 +18,6 @@ INT4_GROUP_SIZE = 64
 # down_proj is the projection int4 hurts most (measured on the demo model, see tests/test_demo.py); as in
 # llama.cpp's Q4_K_M it keeps more bits, at about 17 % more weight bytes than all-int4.
 GPTQ_INT8_MODULES = ("down_proj",)
-
-
 ROW_CHUNK = 256  # rows rounded at a time: fp32 temporaries stay in cache (3-4x faster) and small
 
 
@@ -132,6 +130,10 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
     unknown = set(int8_modules) - set(fast.PROJECTIONS)
     if unknown:
         raise ValueError(f"int8_modules: unknown projection(s) {sorted(unknown)}; expected names among {fast.PROJECTIONS}")
+    for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        chosen = set(fused) & set(int8_modules)
+        if chosen and chosen != set(fused):
+            raise ValueError(f"int8_modules must name all of the fused {list(fused)} or none, got {sorted(chosen)}")
     fast.restore(model)  # plain nn.Linear modules to hook
     names = {module: name.rpartition(".")[2] for name, module in model.named_modules()}
     backbone = model.model if hasattr(model, "model") else model
@@ -145,6 +147,12 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
         attn, mlp = layer.self_attn, layer.mlp
         for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
                       [mlp.down_proj]):
+            if all(names[lin] in int8_modules for lin in group):  # rounded to nearest: needs no activations
+                for linear in group:
+                    q, scale = quantize_int8(linear.weight)
+                    quantized[linear] = ("int8", q, scale)
+                    linear.weight.copy_((q.float() * scale[:, None]).to(linear.weight.dtype))
+                continue
             hessian = torch.zeros(group[0].in_features, group[0].in_features)
             count = 0
 
@@ -159,18 +167,11 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
                 layer(x, cos, sin, None, None, True)
             hook.remove()
             hessian /= count
-            if any(names[lin] in int8_modules for lin in group) and any(names[lin] not in int8_modules for lin in group):
-                raise ValueError(f"int8_modules must name all of the fused {[names[lin] for lin in group]} or none")
             for linear in group:
-                if names[linear] in int8_modules:
-                    q, scale = quantize_int8(linear.weight)
-                    quantized[linear] = ("int8", q, scale)
-                    deq = q.float() * scale[:, None]
-                else:
-                    q, scale, zero = gptq_int4(linear.weight, hessian, group_size, damp)
-                    quantized[linear] = ("int4", q, scale, zero)
-                    deq = ((q.float().view(q.shape[0], -1, group_size) - 8) * scale.float()[..., None]
-                           + zero.float()[..., None]).view_as(q)
+                q, scale, zero = gptq_int4(linear.weight, hessian, group_size, damp)
+                quantized[linear] = ("int4", q, scale, zero)
+                deq = ((q.float().view(q.shape[0], -1, group_size) - 8) * scale.float()[..., None]
+                       + zero.float()[..., None]).view_as(q)
                 linear.weight.copy_(deq.to(linear.weight.dtype))  # later groups see the quantized outputs
         batches = [layer(x, cos, sin, None, None, True) for x in batches]
     fast.optimize(model, "int4", quantized=quantized)
