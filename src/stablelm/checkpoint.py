@@ -152,15 +152,13 @@ class StagedWeights:
 
     def __call__(self, keys: list[str], out: torch.Tensor | None = None) -> torch.Tensor:
         parts = [self.entries.pop(key) for key in keys]
-        rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
-        stored = {p.dtype for p in parts}
-        direct = stored == {self.dtype} and out is not None
-        staging = out if direct else torch.empty(rows, cols, dtype=parts[0].dtype)
+        rows, cols, stored = sum(p.shape[0] for p in parts), parts[0].shape[1], parts[0].dtype
+        staging = out if out is not None and stored == self.dtype else torch.empty(rows, cols, dtype=stored)
         row = 0
-        for part in parts:
+        for part in parts:  # read_into rejects a part stored in another dtype
             part.read_into(staging[row:row + part.shape[0]])
             row += part.shape[0]
-        if direct or staging.dtype == self.dtype:
+        if stored == self.dtype:
             return staging
         return out.copy_(staging) if out is not None else staging.to(self.dtype)
 
