@@ -109,5 +109,5 @@ def test_gptq_int4_quality(corpus, heldout_ids, baseline, tmp_path):
     gptq_quantize(model, calibration, progress=False)
     model.save_pretrained(tmp_path / "gptq")
     reloaded = stablelm.AutoModelForCausalLM.from_pretrained(tmp_path / "gptq")
-    assert reloaded.inference_kind == "int4"
+    assert reloaded.quantization == "int4"
     _check("int4 GPTQ", reloaded, heldout_ids, baseline, 0.95, 0.05)

@@ -148,7 +148,7 @@ def test_cli_quantize_writes_a_loadable_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     model = stablelm.AutoModelForCausalLM.from_pretrained(out)
-    assert model.inference_kind == "int4" and model.model.layers[0].mlp.down_proj.kind == "int8"
+    assert model.quantization == "int4" and model.model.layers[0].mlp.down_proj.quantization == "int8"
     assert stablelm.AutoTokenizer.from_pretrained(out)("To be").input_ids
     proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(tmp_path / "x"), "--model", str(ckpt),
                            "--calibration", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)

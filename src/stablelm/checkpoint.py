@@ -7,7 +7,6 @@ file by file, so a failed save leaves an existing checkpoint as it was.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -25,6 +24,7 @@ from torch import nn
 from . import fast
 from .config import StableLmConfig, dtype_from_name
 from .generation_config import GenerationConfig
+from .meta import skip_init
 from .hub import resolve_folder
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -163,31 +163,13 @@ class StagedWeights:
         return out.copy_(staging) if out is not None else staging.to(self.dtype)
 
 
-@contextlib.contextmanager
-def skip_init():
-    """Build modules on the meta device without running their initialisers.
-
-    Under torch.device("meta") every nn.init call goes through torch's Python reference ops, whose
-    first use imports torch._dynamo: over a second of a checkpoint's load, for values nobody reads.
-    """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
 class PreTrainedModel(nn.Module):
     """Base of the StableLm classes: config, from_pretrained, save_pretrained, weight init."""
 
     base_prefix = ""  # where the backbone's weights sit in this class's state dict
     head_keys: tuple[str, ...] = ()
-    inference_kind: str | None = None  # set by stablelm.fast.optimize: "mkldnn", "dense", "int8", "int4"
+    inference_kind: str | None = None  # the linear format set by stablelm.fast.optimize ("mkldnn", "native", ...)
+    quantization: str | None = None  # "int8" or "int4" when the weights are quantized
 
     def __init__(self, config: StableLmConfig):
         super().__init__()
@@ -206,9 +188,9 @@ class PreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def optimize_for_inference(self, quantization: str | None = None):
-        """Fuse projections and prepack (or quantize to "int8" / "int4") the weights; see stablelm.fast."""
-        return fast.optimize(self, quantization)
+    def optimize_for_inference(self, quantization: str | None = None, linear_format: str | None = None):
+        """Fuse projections and convert (or quantize to "int8" / "int4") the weights; see stablelm.fast."""
+        return fast.optimize(self, quantization, linear_format=linear_format)
 
     def train(self, mode: bool = True):
         if mode and fast.is_optimized(self):
@@ -253,13 +235,16 @@ class PreTrainedModel(nn.Module):
                         attn_implementation: str = "sdpa", revision: str | None = None,
                         local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
                         token: str | bool | None = None, torch_dtype=None, device_map=None,
-                        quantization: str | None = None, fast_inference: bool = True, **config_overrides):
+                        quantization: str | None = None, fast_inference: bool = True, linear_format: str | None = None,
+                        **config_overrides):
         """Load a checkpoint folder or hub id.
 
         dtype: "auto" (the checkpoint's stored dtype), a torch.dtype or its name; None = float32.
         device: where the weights go (read there directly by safetensors).
         quantization: None, "int8" or "int4" (weight-only; a quantized checkpoint loads as saved).
         fast_inference: fuse projections and prepack weights for the fastest kernels (undone by .train()).
+        linear_format: force a weight format (stablelm.linear.FORMATS, e.g. "dense", "native", "int8-torch");
+            by default the fastest one this CPU runs (STABLELM_LINEAR sets it too).
         config_overrides: config fields to change, e.g. num_labels=3 for a fresh classification head.
         """
         if torch_dtype is not None:  # the name transformers 4.x used
@@ -313,9 +298,9 @@ class PreTrainedModel(nn.Module):
         if hasattr(model, "tie_weights"):
             model.tie_weights()
         if saved_kind:
-            fast.load_quantized(model, quantized, saved_kind, str(folder), int8_modules)
+            fast.load_quantized(model, quantized, saved_kind, str(folder), int8_modules, linear_format)
         elif optimize:
-            fast.optimize(model, quantization, fetch=staged)
+            fast.optimize(model, quantization, fetch=staged, linear_format=linear_format)
             if staged is not None and staged.entries:
                 raise ValueError(f"{folder}: tensor(s) not used by the model: {', '.join(sorted(staged.entries)[:5])}")
         gen_path = folder / "generation_config.json"
@@ -394,7 +379,7 @@ class PreTrainedModel(nn.Module):
         first = next(iter(state.values()))
         config = self.config.replace(architectures=[type(self).__name__],
                                      dtype=str(first.dtype).removeprefix("torch."), extra=dict(self.config.extra))
-        if self.inference_kind in fast.QUANTIZATIONS:
+        if self.quantization is not None:
             config.extra["quantization_config"] = fast.quantization_config(self)
 
         with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as tmp:

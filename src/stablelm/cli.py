@@ -269,7 +269,7 @@ def _quantize(args) -> int:
                                                      quantization="int8" if args.bits == 8 else "int4")
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    print(f"wrote {args.out} ({model.inference_kind}"
+    print(f"wrote {args.out} ({model.quantization}"
           f"{', GPTQ on ' + str(args.calibration) if args.bits == 4 and args.calibration else ''})")
     return 0
 

@@ -1,0 +1,129 @@
+"""What this CPU can run, chosen once: the native kernels (built on first use) and torch's private ops.
+
+Every path is probed with a tiny trial before it is used, never assumed from the CPU's name, and every
+choice can be forced for tests and measurements:
+
+- ``STABLELM_LINEAR=<format>`` (or ``from_pretrained(..., linear_format=...)``) picks the weight format,
+  see ``stablelm.linear.FORMATS``;
+- ``STABLELM_ISA=scalar|avx2|avx512`` caps the native kernels' instruction set;
+- ``STABLELM_NATIVE=0`` never builds or loads the native kernels (the torch paths still work).
+
+``stablelm.linear.describe()`` reports what was found and chosen; ``stablelm bench`` prints it and
+records it in its JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ISA_LEVELS = ("scalar", "avx2", "avx512")
+_SOURCE = Path(__file__).with_name("linear.cpp")
+_lock = threading.Lock()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str:
+    """torch's own view of the CPU: "AVX512", "AVX2", "DEFAULT", ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+@functools.cache
+def native_ops():
+    """torch.ops.stablelm_kernels, built from linear.cpp on first use (cached by torch), or None.
+
+    None when STABLELM_NATIVE=0, on a non-x86 CPU, or when the build fails (no compiler, no ninja):
+    then one line says so and the torch paths are used.
+    """
+    if os.environ.get("STABLELM_NATIVE", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    with _lock:
+        try:
+            from torch.utils import cpp_extension
+
+            # No -march: each ISA level is compiled through a `target` attribute and picked at run time,
+            # so one binary suits every x86-64 CPU and the cache needs no key per CPU.
+            cpp_extension.load(name="stablelm_kernels", sources=[str(_SOURCE)], is_python_module=False,
+                               extra_cflags=["-O3"], verbose=False)
+        except Exception as e:  # noqa: BLE001 - any build failure means the same: use torch's kernels
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            print(f"stablelm: native CPU kernels unavailable ({reason[:200]}); using torch's kernels, "
+                  "slower for bf16/fp16 and quantized decoding on CPUs without native bf16", file=sys.stderr)
+            return None
+    return torch.ops.stablelm_kernels
+
+
+def native_isa() -> int | None:
+    """The ISA level the native kernels run at (index into ISA_LEVELS), or None without them.
+
+    The CPU's best level, capped by STABLELM_ISA."""
+    ops = native_ops()
+    if ops is None:
+        return None
+    best = int(ops.isa_level())
+    forced = os.environ.get("STABLELM_ISA")
+    if forced:
+        if forced not in ISA_LEVELS:
+            raise ValueError(f"STABLELM_ISA={forced!r}: expected one of {ISA_LEVELS}")
+        if ISA_LEVELS.index(forced) > best:
+            raise ValueError(f"STABLELM_ISA={forced}: this CPU supports at most {ISA_LEVELS[best]}")
+        return ISA_LEVELS.index(forced)
+    return best
+
+
+def native_isa_levels() -> list[str]:
+    """Every ISA level the native kernels can run at on this CPU (for tests that force each)."""
+    ops = native_ops()
+    return [] if ops is None else list(ISA_LEVELS[:int(ops.isa_level()) + 1])
+
+
+@functools.cache
+def mkldnn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's prepacked linear runs in `dtype` here (bf16/fp16 need CPU support): a tiny trial."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=dtype), 1)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), w, None, "none", [], "")
+        return bool(torch.all(y.float() == 16))
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def int8_op_works() -> bool:
+    """Whether torch's weight-only int8 kernel gives right answers here: a tiny trial."""
+    try:
+        x = torch.arange(64, dtype=torch.float32).view(2, 32) / 64
+        q = torch.ones(16, 32, dtype=torch.int8)
+        y = torch.ops.aten._weight_int8pack_mm(x, q, torch.full((16,), 2.0))
+        return bool(torch.allclose(y, (x.sum(1, keepdim=True) * 2).expand(2, 16)))
+    except RuntimeError:
+        return False
+
+
+def fast_16bit_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices natively (AVX512-BF16 / AMX / AVX-NE-CONVERT...).
+
+    Without it, torch's bf16/fp16 matmuls run 4-8x slower than fp32 here, so prompts and training compute
+    in fp32 instead. oneDNN's prepacked linear refuses bf16/fp16 on exactly those CPUs."""
+    return dtype == torch.float32 or mkldnn_supports(dtype)

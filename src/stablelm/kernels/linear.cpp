@@ -1,0 +1,364 @@
+// Weight-streaming matrix products for decoding on x86 CPUs: y (M, N) = x (M, K) W^T, M small (1..8).
+//
+// Batch-1 decoding reads every weight once per token, so its speed is bytes moved / memory bandwidth.
+// These kernels read the weight in its stored form (bf16, fp16, int8 per row, int4 in groups) and
+// widen it in registers to fp32, accumulating in fp32; torch has no such path on CPUs without native
+// bf16/fp16 matmuls (it converts, or runs scalar code). Each ISA level is a separate function compiled
+// with a `target` attribute, so one build holds every level and the caller picks one at run time.
+//
+// Layouts (all row-major, one row per output feature):
+//   bf16 / fp16: (N, K) as stored in the checkpoint.
+//   int8:        (N, K) int8 with one fp32 scale per row: w = q * scale.
+//   int4:        (N, K / 2) bytes in blocks of 32 inputs: byte j of a block holds input j in its low nibble
+//                and input 16 + j in its high nibble (ggml's Q4_0 order); groups of `group` inputs
+//                (a multiple of 32) share an fp32 scale and offset: w = q * scale + offset.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Kind { kBF16, kF16, kI8 };
+
+constexpr int64_t kMaxRows = 8;  // activation rows per call handled in registers
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+  return kScalar;
+}
+
+// ---- scalar (any x86-64) -------------------------------------------------------------------------
+template <Kind kind>
+inline float load_scalar(const void* w, int64_t i) {
+  if constexpr (kind == kBF16) {
+    uint32_t bits = uint32_t(static_cast<const uint16_t*>(w)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  } else if constexpr (kind == kF16) {
+    return float(static_cast<const c10::Half*>(w)[i]);
+  } else {
+    return float(static_cast<const int8_t*>(w)[i]);
+  }
+}
+
+template <Kind kind>
+void rows_scalar(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n_begin,
+                 int64_t n_end, int64_t n, int64_t k) {
+  for (int64_t row = n_begin; row < n_end; ++row) {
+    const int64_t base = row * k;
+    for (int64_t r = 0; r < m; ++r) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < k; ++i) acc += x[r * k + i] * load_scalar<kind>(w, base + i);
+      y[r * n + row] = scale ? acc * scale[row] : acc;
+    }
+  }
+}
+
+// ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <Kind kind>
+AVX2 inline __m256 load8(const void* w, int64_t i) {
+  if constexpr (kind == kBF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (kind == kF16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i)));
+  } else {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(w) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+}
+
+AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NR weight rows against MR activation rows: MR * NR accumulators, each weight vector loaded once.
+template <Kind kind, int MR, int NR>
+AVX2 void tile_avx2(const float* x, int64_t k, const void* w, int64_t row, const float* scale, float* y, int64_t n) {
+  __m256 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t k8 = k - k % 8;
+  for (int64_t i = 0; i < k8; i += 8) {
+    __m256 wv[NR];
+    for (int c = 0; c < NR; ++c) wv[c] = load8<kind>(w, (row + c) * k + i);
+    for (int r = 0; r < MR; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * k + i);
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      float s = hsum8(acc[r][c]);
+      for (int64_t i = k8; i < k; ++i) s += x[r * k + i] * load_scalar<kind>(w, (row + c) * k + i);
+      y[r * n + row + c] = scale ? s * scale[row + c] : s;
+    }
+}
+
+template <Kind kind, int MR>
+AVX2 void rows_avx2_mr(const float* x, const void* w, const float* scale, float* y, int64_t n_begin, int64_t n_end,
+                       int64_t n, int64_t k) {
+  constexpr int NR = MR <= 2 ? 4 : 2;
+  int64_t row = n_begin;
+  for (; row + NR <= n_end; row += NR) tile_avx2<kind, MR, NR>(x, k, w, row, scale, y, n);
+  for (; row < n_end; ++row) tile_avx2<kind, MR, 1>(x, k, w, row, scale, y, n);
+}
+
+template <Kind kind>
+AVX2 void rows_avx2(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n_begin,
+                    int64_t n_end, int64_t n, int64_t k) {
+  // Blocks of 16 output rows: their weights stay in L1 while every chunk of activation rows uses them.
+  for (int64_t b = n_begin; b < n_end; b += 16) {
+    const int64_t e = std::min(b + 16, n_end);
+    for (int64_t r = 0; r < m;) {
+      const int64_t left = m - r;
+      const float* xr = x + r * k;
+      float* yr = y + r * n;
+      if (left >= 4) { rows_avx2_mr<kind, 4>(xr, w, scale, yr, b, e, n, k); r += 4; }
+      else if (left == 3) { rows_avx2_mr<kind, 3>(xr, w, scale, yr, b, e, n, k); r += 3; }
+      else if (left == 2) { rows_avx2_mr<kind, 2>(xr, w, scale, yr, b, e, n, k); r += 2; }
+      else { rows_avx2_mr<kind, 1>(xr, w, scale, yr, b, e, n, k); r += 1; }
+    }
+  }
+}
+
+// ---- AVX-512 (F, BW, VL) -------------------------------------------------------------------------
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+template <Kind kind>
+AVX512 inline __m512 load16(const void* w, int64_t i) {
+  if constexpr (kind == kBF16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else if constexpr (kind == kF16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i)));
+  } else {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(w) + i));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+}
+
+template <Kind kind, int MR, int NR>
+AVX512 void tile_avx512(const float* x, int64_t k, const void* w, int64_t row, const float* scale, float* y,
+                        int64_t n) {
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t k16 = k - k % 16;
+  for (int64_t i = 0; i < k16; i += 16) {
+    __m512 wv[NR];
+    for (int c = 0; c < NR; ++c) wv[c] = load16<kind>(w, (row + c) * k + i);
+    for (int r = 0; r < MR; ++r) {
+      __m512 xv = _mm512_loadu_ps(x + r * k + i);
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      float s = _mm512_reduce_add_ps(acc[r][c]);
+      for (int64_t i = k16; i < k; ++i) s += x[r * k + i] * load_scalar<kind>(w, (row + c) * k + i);
+      y[r * n + row + c] = scale ? s * scale[row + c] : s;
+    }
+}
+
+template <Kind kind, int MR>
+AVX512 void rows_avx512_mr(const float* x, const void* w, const float* scale, float* y, int64_t n_begin,
+                           int64_t n_end, int64_t n, int64_t k) {
+  constexpr int NR = MR <= 2 ? 4 : 3;
+  int64_t row = n_begin;
+  for (; row + NR <= n_end; row += NR) tile_avx512<kind, MR, NR>(x, k, w, row, scale, y, n);
+  for (; row < n_end; ++row) tile_avx512<kind, MR, 1>(x, k, w, row, scale, y, n);
+}
+
+template <Kind kind>
+AVX512 void rows_avx512(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n_begin,
+                        int64_t n_end, int64_t n, int64_t k) {
+  for (int64_t b = n_begin; b < n_end; b += 24) {
+    const int64_t e = std::min(b + 24, n_end);
+    for (int64_t r = 0; r < m;) {
+      const int64_t left = m - r;
+      const float* xr = x + r * k;
+      float* yr = y + r * n;
+      if (left >= 4) { rows_avx512_mr<kind, 4>(xr, w, scale, yr, b, e, n, k); r += 4; }
+      else if (left == 3) { rows_avx512_mr<kind, 3>(xr, w, scale, yr, b, e, n, k); r += 3; }
+      else if (left == 2) { rows_avx512_mr<kind, 2>(xr, w, scale, yr, b, e, n, k); r += 2; }
+      else { rows_avx512_mr<kind, 1>(xr, w, scale, yr, b, e, n, k); r += 1; }
+    }
+  }
+}
+
+// ---- int4 in groups ------------------------------------------------------------------------------
+// sum_k x_k w_k = sum_groups scale_g * sum_{k in g} x_k q_k + offset_g * sum_{k in g} x_k.
+void int4_rows_scalar(const float* x, int64_t m, const uint8_t* w, const float* scale, const float* offset,
+                      const float* xsum, float* y, int64_t n_begin, int64_t n_end, int64_t n, int64_t k,
+                      int64_t group) {
+  const int64_t groups = k / group;
+  for (int64_t row = n_begin; row < n_end; ++row) {
+    for (int64_t r = 0; r < m; ++r) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float dot = 0.f;
+        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+          const uint8_t* bytes = w + (row * k + b) / 2;
+          for (int j = 0; j < 16; ++j) {
+            dot += x[r * k + b + j] * float(bytes[j] & 0xF) + x[r * k + b + 16 + j] * float(bytes[j] >> 4);
+          }
+        }
+        acc += scale[row * groups + g] * dot + offset[row * groups + g] * xsum[r * groups + g];
+      }
+      y[r * n + row] = acc;
+    }
+  }
+}
+
+template <int MR>
+AVX2 void int4_tile_avx2(const float* x, const uint8_t* w, const float* scale, const float* offset,
+                         const float* xsum, float* y, int64_t row, int64_t n, int64_t k, int64_t group) {
+  const int64_t groups = k / group;
+  const __m256i low = _mm256_set1_epi32(0xF);
+  float total[MR] = {};
+  const uint8_t* wrow = w + row * k / 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 dot[MR];
+    for (int r = 0; r < MR; ++r) dot[r] = _mm256_setzero_ps();
+    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+      const uint8_t* bytes = wrow + b / 2;
+      for (int half = 0; half < 2; ++half) {  // bytes 0..7 then 8..15 of the block
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * half)));
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));                        // inputs 8h .. 8h+7
+        __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));                          // inputs 16+8h ..
+        for (int r = 0; r < MR; ++r) {
+          dot[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + b + 8 * half), lo, dot[r]);
+          dot[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + b + 16 + 8 * half), hi, dot[r]);
+        }
+      }
+    }
+    const float s = scale[row * groups + g], o = offset[row * groups + g];
+    for (int r = 0; r < MR; ++r) total[r] += s * hsum8(dot[r]) + o * xsum[r * groups + g];
+  }
+  for (int r = 0; r < MR; ++r) y[r * n + row] = total[r];
+}
+
+AVX2 void int4_rows_avx2(const float* x, int64_t m, const uint8_t* w, const float* scale, const float* offset,
+                         const float* xsum, float* y, int64_t n_begin, int64_t n_end, int64_t n, int64_t k,
+                         int64_t group) {
+  for (int64_t row = n_begin; row < n_end; ++row) {
+    for (int64_t r = 0; r < m;) {
+      const int64_t left = m - r;
+      const int64_t gs = k / group;
+      if (left >= 4) { int4_tile_avx2<4>(x + r * k, w, scale, offset, xsum + r * gs, y + r * n, row, n, k, group); r += 4; }
+      else if (left >= 2) { int4_tile_avx2<2>(x + r * k, w, scale, offset, xsum + r * gs, y + r * n, row, n, k, group); r += 2; }
+      else { int4_tile_avx2<1>(x + r * k, w, scale, offset, xsum + r * gs, y + r * n, row, n, k, group); r += 1; }
+    }
+  }
+}
+
+// ---- entry points --------------------------------------------------------------------------------
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "stablelm kernels: x must be a contiguous (M, K) float32 tensor");
+  TORCH_CHECK(x.size(1) == k, "stablelm kernels: x has ", x.size(1), " columns, the weight ", k);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "stablelm kernels: 1 to ", kMaxRows, " rows, got ", x.size(0));
+}
+
+int64_t resolve_isa(int64_t isa) {
+  const int64_t best = best_isa();
+  if (isa < 0) return best;
+  TORCH_CHECK(isa <= best, "stablelm kernels: ISA level ", isa, " is not supported by this CPU (best ", best, ")");
+  return isa;
+}
+
+template <Kind kind>
+void run(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n, int64_t k, int64_t isa) {
+  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    const int64_t b = begin * 16, e = std::min(end * 16, n);
+    if (isa == kAvx512) rows_avx512<kind>(x, m, w, scale, y, b, e, n, k);
+    else if (isa == kAvx2) rows_avx2<kind>(x, m, w, scale, y, b, e, n, k);
+    else rows_scalar<kind>(x, m, w, scale, y, b, e, n, k);
+  });
+}
+
+// x (M, K) fp32; weight (N, K) bf16 / fp16 / int8; scale (N,) fp32 for int8. Returns (M, N) fp32.
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "stablelm kernels: weight must be contiguous (N, K)");
+  const int64_t n = weight.size(0), k = weight.size(1), m = x.size(0);
+  check_x(x, k);
+  isa = resolve_isa(isa);
+  auto y = at::empty({m, n}, x.options());
+  const float* s = nullptr;
+  if (weight.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat && scale->numel() == n && scale->is_contiguous(),
+                "stablelm kernels: int8 weights need a contiguous float32 scale per row");
+    s = static_cast<float*>(scale->data_ptr());
+  }
+  const float* xp = static_cast<float*>(x.data_ptr());
+  float* yp = static_cast<float*>(y.data_ptr());
+  switch (weight.scalar_type()) {
+    case at::kBFloat16: run<kBF16>(xp, m, weight.data_ptr(), nullptr, yp, n, k, isa); break;
+    case at::kHalf: run<kF16>(xp, m, weight.data_ptr(), nullptr, yp, n, k, isa); break;
+    case at::kChar: run<kI8>(xp, m, weight.data_ptr(), s, yp, n, k, isa); break;
+    default: TORCH_CHECK(false, "stablelm kernels: weight dtype ", weight.scalar_type(), " is not bf16, fp16 or int8");
+  }
+  return y;
+}
+
+// x (M, K) fp32; packed (N, K / 2) uint8 as described above; scale, offset (N, K / group) fp32.
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset,
+                     int64_t group, int64_t isa) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "stablelm kernels: int4 weights must be contiguous (N, K / 2) uint8");
+  const int64_t n = packed.size(0), k = packed.size(1) * 2, m = x.size(0);
+  check_x(x, k);
+  TORCH_CHECK(group % 32 == 0 && k % group == 0, "stablelm kernels: group ", group, " must be a multiple of 32 dividing K");
+  const int64_t groups = k / group;
+  for (const auto* t : {&scale, &offset})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n * groups,
+                "stablelm kernels: int4 scale and offset must be contiguous float32 (N, K / group)");
+  isa = resolve_isa(isa);
+  auto y = at::empty({m, n}, x.options());
+  auto xsum = at::empty({m, groups}, x.options());  // each activation row's sum over each group
+  const float *xp = static_cast<float*>(x.data_ptr()), *sp = static_cast<float*>(scale.data_ptr()),
+              *op = static_cast<float*>(offset.data_ptr());
+  float* xs = static_cast<float*>(xsum.data_ptr());
+  for (int64_t i = 0; i < m * groups; ++i) {
+    float total = 0.f;
+    for (int64_t j = 0; j < group; ++j) total += xp[i * group + j];
+    xs[i] = total;
+  }
+  const uint8_t* wp = static_cast<const uint8_t*>(packed.data_ptr());
+  float* yp = static_cast<float*>(y.data_ptr());
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    if (isa >= kAvx2) int4_rows_avx2(xp, m, wp, sp, op, xs, yp, b, e, n, k, group);
+    else int4_rows_scalar(xp, m, wp, sp, op, xs, yp, b, e, n, k, group);
+  });
+  return y;
+}
+
+int64_t isa_level() { return best_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(stablelm_kernels, m) {
+  m.def("gemv(Tensor x, Tensor weight, Tensor? scale, int isa) -> Tensor", gemv);
+  m.def("gemv_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group, int isa) -> Tensor", gemv_int4);
+  m.def("isa_level() -> int", isa_level);
+}

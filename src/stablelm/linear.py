@@ -1,0 +1,523 @@
+"""Linear formats: how a projection's weight is stored and multiplied, one class per format.
+
+Every format has the same small interface: build from a dense weight (`from_weight`) or from stored
+quantized tensors (`from_quantized`), `forward`, back to dense (`dense_weight`), and the tensors a
+checkpoint stores (`stored`). `FORMATS` is the registry; `choose_format` picks the fastest one that the
+probes in `stablelm.kernels` say runs here, unless `STABLELM_LINEAR` or `linear_format=` forces one.
+Adding a format is one class with `@register`.
+
+One module may hold several fused projections (q/k/v, gate/up): `splits` are their output sizes and
+`forward` then returns a tuple.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8
+
+QUANTIZATIONS = ("int8", "int4")
+FORMATS: dict[str, type[LinearFormat]] = {}
+NATIVE_MAX_ROWS = 8  # the native kernels keep up to this many activation rows in registers
+
+
+def register(cls: type[LinearFormat]) -> type[LinearFormat]:
+    FORMATS[cls.name] = cls
+    return cls
+
+
+class Workspace(threading.local):
+    """Memory reused for weights converted per call, one buffer per thread: a fresh 46 MB tensor costs
+    ~20 ms of page faults, ten times the conversion itself."""
+
+    def __init__(self, limit: int):
+        self.limit, self.buffer = limit, None
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A (rows, cols) view of the buffer, or None when it would be bigger than `limit` elements."""
+        if rows * cols > self.limit:
+            return None
+        if self.buffer is None or self.buffer.dtype != dtype:
+            self.buffer = torch.empty(self.limit, dtype=dtype)
+        return self.buffer[:rows * cols].view(rows, cols)
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype prompts multiply in: the model's, unless this CPU has no fast 16-bit matmul (then fp32)."""
+    return dtype if kernels.fast_16bit_matmul(dtype) else torch.float32
+
+
+class LinearFormat(nn.Module):
+    """y = x W^T (+ b), W (out_features, in_features) kept in this format's layout.
+
+    Subclasses set `name` (the registry key), `quantization` (None, "int8", "int4": what is stored) and
+    implement `unavailable`, `_build`, `matmul` and `dense_weight`.
+    """
+
+    name: ClassVar[str]
+    quantization: ClassVar[str | None] = None
+    keeps_weight: ClassVar[bool] = False  # from_weight keeps the given tensor (it must not be a reused buffer)
+    dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None  # the model dtypes it serves (None: all)
+    workspace: Workspace | None = None  # shared by a model's layers (see share_workspace)
+
+    def __init__(self, in_features: int, out_features: int, splits: list[int] | None, bias: torch.Tensor | None,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.splits = in_features, out_features, splits
+        self.compute_dtype = dtype
+        self.register_buffer("bias", bias, persistent=False)
+
+    # -- what every format answers ---------------------------------------------------------------
+    @classmethod
+    def unavailable(cls, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why this format cannot run for `dtype` on `device` here, or None when it can."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    splits: list[int] | None = None) -> LinearFormat:
+        """From a dense (N, K) weight in the model's dtype (rounded here for quantized formats)."""
+        dtype = weight.dtype
+        module = cls(weight.shape[1], weight.shape[0], splits, None if bias is None else bias.to(dtype), dtype)
+        if cls.quantization == "int8":
+            q, scale = quantize_int8(weight)
+            module._build(q=q, scale=scale.to(dtype))
+        elif cls.quantization == "int4":
+            q, scale, zero = quantize_int4(weight, INT4_GROUP_SIZE)
+            module._build(q=q, scale=scale, zero=zero)
+        else:
+            module._build(weight=weight)
+        return module
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bias: torch.Tensor | None, splits: list[int] | None, dtype: torch.dtype) -> LinearFormat:
+        """From rounded values: int8 q (N, K) and scale (N,); int4 q (N, K) in 0..15, scale and zero
+        (N, K / 64) bf16 with w = (q - 8) * scale + zero."""
+        module = cls(q.shape[1], q.shape[0], splits, None if bias is None else bias.to(dtype), dtype)
+        fields = dict(q=q, scale=scale.to(dtype)) if cls.quantization == "int8" else dict(q=q, scale=scale, zero=zero)
+        module._build(**fields)
+        return module
+
+    def _build(self, **tensors) -> None:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) in the compute dtype -> (M, N), any floating dtype, without the bias."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a plain (N, K) tensor in the compute dtype (dequantized for int8/int4)."""
+        raise NotImplementedError
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores for the whole (fused) weight, by key suffix: "weight" (dense, or int8
+        q, or int4 values packed two per byte, low nibble first), "weight_scale", "weight_zero"."""
+        return {"weight": self.dense_weight()}
+
+    # -- shared --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor):
+        shape = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.to(x.dtype).view(*shape, self.out_features)
+        return y.split(self.splits, dim=-1) if self.splits else y
+
+    def _dense_matmul(self, x: torch.Tensor, convert) -> torch.Tensor:
+        """Prompts: the weight converted (by `convert(out)`) into the shared buffer, then one dense matmul
+        in the fastest dtype this CPU has."""
+        dtype = matmul_dtype(self.compute_dtype)
+        buffer = self.workspace.take(self.out_features, self.in_features, dtype) if self.workspace else None
+        if buffer is None:
+            buffer = torch.empty(self.out_features, self.in_features, dtype=dtype)
+        return F.linear(x.to(dtype), convert(buffer))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, format={self.name}, splits={self.splits}"
+
+
+def _cpu_only(device: torch.device) -> str | None:
+    return None if device.type == "cpu" else f"runs on the CPU only, not {device.type}"
+
+
+# -- 16/32-bit formats -------------------------------------------------------------------------------
+@register
+class Dense(LinearFormat):
+    """F.linear on the weight as loaded: runs everywhere; on CUDA the fastest."""
+
+    name = "dense"
+    keeps_weight = True
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        return None
+
+    def _build(self, weight):
+        self.register_buffer("weight", weight, persistent=False)
+
+    def matmul(self, x):
+        return F.linear(x, self.weight)
+
+    def dense_weight(self):
+        return self.weight
+
+
+@register
+class Mkldnn(LinearFormat):
+    """oneDNN's prepacked weight: streams fp32 near the memory bandwidth, and bf16 with AVX512-BF16/AMX."""
+
+    name = "mkldnn"
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        if device.type != "cpu":
+            return _cpu_only(device)
+        if not kernels.mkldnn_supports(dtype):
+            return f"oneDNN has no {str(dtype).removeprefix('torch.')} linear on this CPU"
+        return None
+
+    def _build(self, weight):
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1),
+                             persistent=False)
+
+    def matmul(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def dense_weight(self):
+        return self.weight.to_dense()
+
+
+@register
+class Native16(LinearFormat):
+    """bf16/fp16 weights read as stored and widened to fp32 in registers (stablelm.kernels): the decode
+    path for CPUs without native 16-bit matmuls, at half the bytes of fp32 weights. Prompts convert the
+    weight into the shared buffer and multiply in fp32 there."""
+
+    name = "native"
+    keeps_weight = True
+    dtypes = (torch.bfloat16, torch.float16)
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        if device.type != "cpu":
+            return _cpu_only(device)
+        if dtype not in (torch.bfloat16, torch.float16):
+            return "for bf16/fp16 weights only"
+        return None if kernels.native_ops() is not None else "the native kernels are not built"
+
+    def _build(self, weight):
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.isa = kernels.native_isa()
+
+    def matmul(self, x):
+        if x.shape[0] <= NATIVE_MAX_ROWS:
+            return torch.ops.stablelm_kernels.gemv(x.float(), self.weight, None, self.isa)
+        if kernels.fast_16bit_matmul(self.compute_dtype):
+            return F.linear(x, self.weight)
+        return self._dense_matmul(x, lambda out: out.copy_(self.weight))
+
+    def dense_weight(self):
+        return self.weight
+
+
+# -- int8, per output row: w = q * scale -------------------------------------------------------------
+class Int8Base(LinearFormat):
+    quantization = "int8"
+
+    def _build(self, q, scale):
+        self.register_buffer("weight", q.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.to(self.compute_dtype).contiguous(), persistent=False)
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.weight)  # q is exact in bf16 and fp32; the scale is applied to the output
+
+    def prompt_matmul(self, x):
+        return self._dense_matmul(x, self.dequantize_into) * self.scale
+
+    def dense_weight(self):
+        return self.weight.to(self.compute_dtype) * self.scale[:, None]
+
+    def stored(self):
+        return {"weight": self.weight, "weight_scale": self.scale}
+
+
+@register
+class Int8Torch(Int8Base):
+    """torch's weight-only int8 kernel (aten._weight_int8pack_mm); prompts from 16 rows use the dense
+    matmul on the converted weight (3.6x faster at 64 rows on the AMX machine)."""
+
+    name = "int8-torch"
+    DENSE_MIN_ROWS = 16
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        if device.type != "cpu":
+            return _cpu_only(device)
+        return None if kernels.int8_op_works() else "torch's int8 weight-only kernel fails its trial here"
+
+    def matmul(self, x):
+        if x.shape[0] >= self.DENSE_MIN_ROWS:
+            return self.prompt_matmul(x)
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+
+
+@register
+class Int8Native(Int8Base):
+    """int8 weights widened to fp32 in registers (stablelm.kernels); 1 byte per weight per token."""
+
+    name = "int8-native"
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        if device.type != "cpu":
+            return _cpu_only(device)
+        return None if kernels.native_ops() is not None else "the native kernels are not built"
+
+    def _build(self, q, scale):
+        super()._build(q, scale)
+        self.register_buffer("scale32", self.scale.float(), persistent=False)
+        self.isa = kernels.native_isa()
+
+    def matmul(self, x):
+        if x.shape[0] <= NATIVE_MAX_ROWS:
+            return torch.ops.stablelm_kernels.gemv(x.float(), self.weight, self.scale32, self.isa)
+        return self.prompt_matmul(x)
+
+
+# -- int4, asymmetric, groups of 64 inputs: w = (q - 8) * scale + zero --------------------------------
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K / 2) bytes, two per byte, low nibble first: the checkpoint format."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+class Int4Base(LinearFormat):
+    quantization = "int4"
+    group_size = INT4_GROUP_SIZE
+
+    def _keep_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.register_buffer("scale", scale.contiguous(), persistent=False)
+        self.register_buffer("zero", zero.contiguous(), persistent=False)
+        # w = q * scale + offset, one multiply-add over the values
+        self.register_buffer("offset", zero.float() - 8 * scale.float(), persistent=False)
+
+    def values(self) -> torch.Tensor:
+        """The 4-bit values q (N, K) in 0..15."""
+        raise NotImplementedError
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        groups = out.view(n, -1, self.group_size).copy_(self.values().view(n, -1, self.group_size))
+        return groups.mul_(self.scale.to(out.dtype)[..., None]).add_(self.offset.to(out.dtype)[..., None]).view(n, k)
+
+    def dense_weight(self):
+        return self.dequantize_into(torch.empty(self.out_features, self.in_features, dtype=torch.float32)) \
+            .to(self.compute_dtype)
+
+    def stored(self):
+        return {"weight": pack_pairs(self.values()), "weight_scale": self.scale, "weight_zero": self.zero}
+
+
+def unpack_int4_blocks(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """The (n, k) values of torch's CPU int4 packing with `block` rows per block: each block is stored as
+    k x block/2 bytes, byte i of column c holding row i (low nibble) and row block/2 + i (high nibble)."""
+    half = block // 2
+    blocks = packed.view(n // block, k, half).transpose(1, 2)  # (n / block, half, k)
+    values = torch.empty(n // block, block, k, dtype=torch.uint8)
+    values[:, :half] = blocks & 0xF
+    values[:, half:] = blocks >> 4
+    return values.view(n, k)
+
+
+@functools.cache
+def torch_int4_block() -> int | None:
+    """Rows per block of torch's CPU int4 packing on this CPU (64 with AVX-512, 32 with AVX2), found by
+    packing known values; None when none of the known layouts matches."""
+    q = torch.randint(0, 16, (128, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except RuntimeError:
+        return None
+    for block in (64, 32, 16):
+        if packed.shape == (128, 64) and torch.equal(unpack_int4_blocks(packed, 128, 128, block).int(), q):
+            return block
+    return None
+
+
+@functools.cache
+def int4_op_works() -> bool:
+    """Whether torch's int4 kernel multiplies right here: a tiny trial against the dense product."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (64, 64), generator=g, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        scale, zero = torch.full((1, 64), 0.5), torch.full((1, 64), 0.25)
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).contiguous()
+        x = torch.randn(2, 64, generator=g)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scales_and_zeros)
+        return bool(torch.allclose(y, x @ ((q.float() - 8) * 0.5 + 0.25).T, atol=1e-3))
+    except RuntimeError:
+        return False
+
+
+@register
+class Int4Torch(Int4Base):
+    """torch's weight-only int4 kernel (aten._weight_int4pack_mm_for_cpu). From 192 rows, prompts unpack
+    the values (layout found by `torch_int4_block`) into the shared buffer and use the dense matmul."""
+
+    name = "int4-torch"
+    DENSE_MIN_ROWS = 192  # unpacking costs more than int8's conversion; measured on the AMX machine
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        if device.type != "cpu":
+            return _cpu_only(device)
+        return None if int4_op_works() else "torch's int4 kernel fails its trial here"
+
+    def _build(self, q, scale, zero):
+        # Blocks of rows pack independently, so row chunks (multiples of 64) keep the temporaries small.
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk.to(torch.int32), 1)
+                            for chunk in q.split(1024)])
+        self.register_buffer("weight", packed, persistent=False)
+        self._keep_grid(scale, zero)
+        # The kernel's layout: (K / group, N, 2) pairs of (scale, zero) in the activation dtype.
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.compute_dtype),
+                             persistent=False)
+        block = torch_int4_block()
+        self.block = block if block is not None and q.shape[0] % block == 0 else None
+
+    def values(self):
+        n, k = self.out_features, self.in_features
+        if self.block is not None:
+            return unpack_int4_blocks(self.weight, n, k, self.block)
+        # The kernel applied to the identity returns the dequantized weight (transposed): round it back.
+        eye = torch.eye(k, dtype=torch.float32)
+        dense = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                          self.scales_and_zeros.float()).t()
+        groups = dense.reshape(n, -1, self.group_size)
+        q = (groups - self.offset[..., None]) / self.scale.float()[..., None]
+        return q.round().clamp(0, 15).to(torch.uint8).view(n, k)
+
+    def matmul(self, x):
+        if x.shape[0] >= self.DENSE_MIN_ROWS and self.block is not None:
+            return self._dense_matmul(x, self.dequantize_into)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+
+
+@register
+class Int4Native(Int4Base):
+    """int4 values in blocks of 32 inputs (byte j: input j low, input 16 + j high; ggml's Q4_0 order),
+    widened to fp32 in registers (stablelm.kernels)."""
+
+    name = "int4-native"
+
+    @classmethod
+    def unavailable(cls, dtype, device):
+        if device.type != "cpu":
+            return _cpu_only(device)
+        return None if kernels.native_ops() is not None else "the native kernels are not built"
+
+    def _build(self, q, scale, zero):
+        n, k = q.shape
+        blocks = q.view(n, k // 32, 2, 16)
+        self.register_buffer("weight", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous(),
+                             persistent=False)
+        self._keep_grid(scale, zero)
+        self.register_buffer("scale32", scale.float().contiguous(), persistent=False)
+        self.isa = kernels.native_isa()
+
+    def values(self):
+        n, k = self.out_features, self.in_features
+        blocks = self.weight.view(n, k // 32, 16)
+        return torch.cat([blocks & 0xF, blocks >> 4], dim=-1).view(n, k)
+
+    def matmul(self, x):
+        if x.shape[0] <= NATIVE_MAX_ROWS:
+            return torch.ops.stablelm_kernels.gemv_int4(x.float(), self.weight, self.scale32, self.offset,
+                                                        self.group_size, self.isa)
+        return self._dense_matmul(x, self.dequantize_into)
+
+
+# -- choosing ------------------------------------------------------------------------------------------
+def preference(dtype: torch.dtype, device: torch.device, quantization: str | None) -> tuple[str, ...]:
+    """Formats to try, fastest first, for this CPU kind (figures in README.md, per CPU kind).
+
+    With AVX-512 the torch paths were measured fastest for quantized weights and stay the default there;
+    with AVX2 only, torch's int8/int4 kernels are 10x slower than ours (int8: 33 ms vs 2.8 ms for a 2048 x
+    11264 matrix-vector product)."""
+    if device.type != "cpu":
+        return ("dense",) if quantization is None else tuple(n for n, f in FORMATS.items() if f.quantization == quantization)
+    avx512 = kernels.cpu_capability().startswith("AVX512")
+    if quantization == "int8":
+        return ("int8-torch", "int8-native") if avx512 else ("int8-native", "int8-torch")
+    if quantization == "int4":
+        return ("int4-torch", "int4-native") if avx512 else ("int4-native", "int4-torch")
+    return ("mkldnn", "native", "dense")
+
+
+def choose_format(dtype: torch.dtype, device: torch.device | str, quantization: str | None = None,
+                  forced: str | None = None) -> str:
+    """The format name for weights of `dtype` on `device`: `forced` (or STABLELM_LINEAR) when given, else
+    the first of `preference` that runs here. A forced format that cannot run is an error that says why."""
+    device = torch.device(device)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+    forced = forced or os.environ.get("STABLELM_LINEAR") or None
+    if forced is not None:
+        fmt = FORMATS.get(forced)
+        if fmt is None:
+            raise ValueError(f"linear format {forced!r} is unknown; expected one of {sorted(FORMATS)}")
+        if fmt.quantization == quantization:
+            reason = fmt.unavailable(dtype, device)
+            if reason:
+                raise ValueError(f"linear format {forced!r} cannot run here: {reason}")
+            return forced
+        # A forced 16-bit format says nothing about quantized layers (an int4 model's int8 projections...)
+    for name in preference(dtype, device, quantization):
+        if FORMATS[name].unavailable(dtype, device) is None:
+            return name
+    raise ValueError(f"no linear format runs {quantization or dtype} weights on {device} here")
+
+
+def share_workspace(model: nn.Module, limit: int) -> None:
+    """Give every format module of `model` one Workspace of `limit` elements (a layer's biggest projection)."""
+    workspace = Workspace(limit)
+    for module in model.modules():
+        if isinstance(module, LinearFormat):
+            module.workspace = workspace
+
+
+def describe() -> dict:
+    """What this machine runs: the CPU, torch's capability, the native kernels and each format's status."""
+    cpu = torch.device("cpu")
+    chosen = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        chosen[name] = choose_format(dtype, cpu)
+        chosen[f"{name}, prompts"] = str(matmul_dtype(dtype)).removeprefix("torch.")
+    for quantization in QUANTIZATIONS:
+        chosen[quantization] = choose_format(torch.bfloat16, cpu, quantization)
+    isa = kernels.native_isa()
+    return {
+        "cpu": kernels.cpu_name(),
+        "torch_capability": kernels.cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "native_kernels": None if isa is None else kernels.ISA_LEVELS[isa],
+        "formats": {name: {str(d).removeprefix("torch."): fmt.unavailable(d, cpu) or "runs"
+                           for d in (torch.float32, torch.bfloat16)} for name, fmt in FORMATS.items()},
+        "chosen": chosen,
+    }

@@ -1,0 +1,257 @@
+"""Linear formats and native kernels: every path this CPU can run, forced in turn, against plain torch.
+
+Paths the CPU cannot run are skipped with the probe's reason; `test_every_available_format_runs` fails if a
+path the probe calls available raises.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import stablelm
+from conftest import tiny_checkpoint, transformers_or_skip
+from stablelm import kernels, linear
+
+CPU = torch.device("cpu")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IDS = torch.tensor([[5, 17, 33, 120, 200, 7, 9, 64, 3, 250, 11]])
+
+
+def formats_for(quantization):
+    return [name for name, fmt in linear.FORMATS.items() if fmt.quantization == quantization]
+
+
+def cases():
+    for dtype in DTYPES:
+        for quantization in (None, "int8", "int4"):
+            for name in formats_for(quantization):
+                if linear.FORMATS[name].dtypes and dtype not in linear.FORMATS[name].dtypes:
+                    continue  # the format is for other weights, on any CPU
+                yield pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
+
+
+def skip_unless_runs(name, dtype):
+    reason = linear.FORMATS[name].unavailable(dtype, CPU)
+    if reason:
+        pytest.skip(f"{name} cannot run {dtype} on this CPU ({kernels.cpu_capability()}): {reason}")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("linear") / "ckpt"
+    # in_features 64 and 128 (int4 groups of 64); 200 and 136 rows: not multiples of any block
+    tiny_checkpoint(path, use_qkv_bias=True, num_key_value_heads=2, hidden_size=64, intermediate_size=128)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_fp32(ckpt):
+    return stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32, fast_inference=False)
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# Relative to the largest fp32 logit: 16-bit weights and activations, then rounding to 4 or 8 bits.
+TOLERANCE = {None: {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.01}, "int8": 0.06, "int4": 0.3}
+
+
+@pytest.mark.parametrize("name,dtype", cases())
+def test_every_available_format_runs_and_matches_fp32(ckpt, plain_fp32, name, dtype):
+    skip_unless_runs(name, dtype)
+    fmt = linear.FORMATS[name]
+    model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=dtype, quantization=fmt.quantization,
+                                                         linear_format=name)
+    assert model.inference_kind == name and model.lm_head.name == name
+    reference = logits(plain_fp32)
+    tol = TOLERANCE[None][dtype] if fmt.quantization is None else TOLERANCE[fmt.quantization]
+    prompt = logits(model)  # 11 rows: the prompt path of every format
+    assert (prompt - reference).abs().max() <= tol * reference.abs().max()
+    # one row at a time through the cache: the decode path gives the same logits
+    cache_logits = []
+    cache = None
+    for i in range(IDS.shape[1]):
+        with torch.no_grad():
+            out = model(IDS[:, i:i + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        cache_logits.append(out.logits.float())
+    step = torch.cat(cache_logits, dim=1)
+    # prompt and decode paths: fp32 accumulation in a different order, rounded to the model's dtype
+    same = 1e-5 if dtype == torch.float32 else 0.02
+    assert (step - prompt).abs().max() <= same * prompt.abs().max() + (1e-4 if dtype == torch.float32 else 0)
+    generated = model.generate(IDS, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, IDS.shape[1] + 5)
+
+
+@pytest.mark.parametrize("name", [n for n in formats_for(None)])
+def test_fp32_formats_generate_what_transformers_generates(ckpt, name):
+    skip_unless_runs(name, torch.float32)
+    transformers = transformers_or_skip()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32, linear_format=name)
+    greedy = dict(max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(IDS, **greedy), ref.generate(IDS, **greedy))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_formats_save_the_same_checkpoint(ckpt, tmp_path, quantization):
+    """Every format of a precision stores the same tensors, so a checkpoint never depends on the CPU."""
+    saved = {}
+    for name in formats_for(quantization):
+        if linear.FORMATS[name].unavailable(torch.float32, CPU):
+            continue
+        model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization=quantization,
+                                                             linear_format=name)
+        saved[name] = model.state_dict()
+        model.save_pretrained(tmp_path / name)
+        again = stablelm.StableLmForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32, linear_format=name)
+        assert again.quantization == quantization and torch.equal(logits(again), logits(model))
+    if len(saved) < 2:
+        pytest.skip(f"only {list(saved)} run {quantization} here")
+    first, *rest = saved.values()
+    for other in rest:
+        assert sorted(first) == sorted(other) and all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_forcing_an_unknown_or_impossible_format_says_why(ckpt):
+    with pytest.raises(ValueError, match="unknown"):
+        stablelm.StableLmForCausalLM.from_pretrained(ckpt, linear_format="int3")
+    with pytest.raises(ValueError, match="bf16/fp16 weights only"):
+        stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32, linear_format="native")
+
+
+def test_environment_variable_forces_the_format(ckpt):
+    code = ("import torch, stablelm\n"
+            f"m = stablelm.StableLmForCausalLM.from_pretrained({str(ckpt)!r}, dtype=torch.float32)\n"
+            "print(m.inference_kind)\n")
+    env = {**os.environ, "STABLELM_LINEAR": "dense"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "dense"
+
+
+def test_torch_fallback_without_native_kernels(ckpt):
+    """STABLELM_NATIVE=0: no build, bf16 and quantized models still load and agree with the native paths."""
+    code = ("import torch, stablelm\nfrom stablelm import kernels, linear\n"
+            "assert kernels.native_ops() is None\n"
+            f"ids = torch.tensor({IDS.tolist()})\n"
+            "for q in (None, 'int8', 'int4'):\n"
+            f"    m = stablelm.StableLmForCausalLM.from_pretrained({str(ckpt)!r}, dtype=torch.bfloat16, quantization=q)\n"
+            "    assert 'native' not in m.inference_kind, m.inference_kind\n"
+            "    with torch.no_grad():\n"
+            "        print(m.inference_kind, m(ids).logits.float().abs().max().item())\n")
+    env = {**os.environ, "STABLELM_NATIVE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == \
+        [linear.choose_format(torch.bfloat16, CPU, q) if "native" not in linear.choose_format(torch.bfloat16, CPU, q)
+         else {None: "dense", "int8": "int8-torch", "int4": "int4-torch"}[q] for q in (None, "int8", "int4")]
+
+
+def test_describe_reports_the_choice():
+    info = linear.describe()
+    assert info["torch_capability"] == kernels.cpu_capability() and info["cpu"]
+    assert info["chosen"]["float32"] in linear.FORMATS
+    assert set(info["formats"]) == set(linear.FORMATS)
+
+
+# -- the native kernels themselves, at every ISA level this CPU runs ---------------------------------
+def native_levels():
+    levels = kernels.native_isa_levels()
+    if not levels:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="the native kernels are not built here"))]
+    return [pytest.param(kernels.ISA_LEVELS.index(level), id=level) for level in levels] + [
+        pytest.param(i, id=level, marks=pytest.mark.skip(reason=f"this CPU ({kernels.cpu_capability()}) "
+                                                                f"cannot run {level}"))
+        for i, level in enumerate(kernels.ISA_LEVELS) if level not in levels]
+
+
+SHAPES = [(1, 1, 1), (1, 37, 100), (3, 64, 128), (8, 130, 264), (5, 17, 2050), (2, 200, 1031)]
+
+
+@pytest.mark.parametrize("isa", native_levels())
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.int8])
+def test_native_gemv_equals_torch(isa, wdtype):
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in SHAPES:
+        x = torch.randn(m, k, generator=g)
+        if wdtype == torch.int8:
+            w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            scale = torch.rand(n, generator=g)
+            expected = x.double() @ (w.double() * scale.double()[:, None]).T
+        else:
+            w = torch.randn(n, k, generator=g).to(wdtype)
+            scale = None
+            expected = x.double() @ w.double().T
+        got = torch.ops.stablelm_kernels.gemv(x, w, scale, isa)
+        # fp32 accumulation of k products, against float64
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() * max(1, k / 256), (m, n, k)
+
+
+@pytest.mark.parametrize("isa", native_levels())
+def test_native_int4_gemv_equals_torch(isa):
+    g = torch.Generator().manual_seed(0)
+    for m, n, k, group in [(1, 1, 64, 64), (1, 37, 128, 64), (3, 64, 256, 64), (8, 130, 192, 64), (5, 17, 96, 32)]:
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        scale, offset = torch.rand(n, k // group, generator=g), torch.randn(n, k // group, generator=g)
+        blocks = q.view(n, k // 32, 2, 16)
+        packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        dense = (q.double().view(n, -1, group) * scale.double()[..., None] + offset.double()[..., None]).view(n, k)
+        x = torch.randn(m, k, generator=g)
+        expected = x.double() @ dense.T
+        got = torch.ops.stablelm_kernels.gemv_int4(x, packed, scale, offset, group, isa)
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), (m, n, k)
+
+
+def test_native_kernels_refuse_bad_input():
+    if kernels.native_ops() is None:
+        pytest.skip("the native kernels are not built here")
+    ops = torch.ops.stablelm_kernels
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.gemv(torch.randn(1, 8), torch.randn(4, 16).bfloat16(), None, -1)
+    with pytest.raises(RuntimeError, match="rows"):
+        ops.gemv(torch.randn(9, 16), torch.randn(4, 16).bfloat16(), None, -1)
+    with pytest.raises(RuntimeError, match="scale"):
+        ops.gemv(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8), None, -1)
+    with pytest.raises(RuntimeError, match="not supported by this CPU"):
+        ops.gemv(torch.randn(1, 16), torch.randn(4, 16).bfloat16(), None, 99)
+
+
+def test_int4_layout_of_torch_is_derived_not_assumed():
+    block = linear.torch_int4_block()
+    if block is None:
+        pytest.skip("torch's int4 packing matches none of the known layouts here; the identity path is used")
+    q = torch.randint(0, 16, (192, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    module = linear.Int4Torch.from_quantized(q, torch.rand(192, 4).bfloat16(), torch.rand(192, 4).bfloat16(), None,
+                                             None, torch.float32)
+    assert module.block == block and torch.equal(module.values(), q)
+    module.block = None  # the fallback through the kernel gives the same values
+    assert torch.equal(module.values(), q)
+
+
+@pytest.mark.parametrize("name", formats_for("int8") + formats_for("int4"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_prompt_path_matches_decode_path(name, dtype):
+    """Many rows take the dequantize-and-matmul path, few rows the weight-only kernel: same numbers,
+    whatever the shared buffer held before."""
+    skip_unless_runs(name, dtype)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 128, generator=g).to(dtype)
+    module = linear.FORMATS[name].from_weight(weight)
+    module.workspace = linear.Workspace(weight.numel())
+    x = torch.randn(200, 128, generator=g).to(dtype)
+    many = module(x).float()
+    few = torch.cat([module(row[None]) for row in x]).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: rounded in a different order
+    assert (many - few).abs().max() <= tolerance * few.abs().max()
+    if module.workspace.buffer is not None:
+        module.workspace.buffer.fill_(7)
+    assert torch.equal(module(x).float(), many)
