@@ -153,3 +153,9 @@ def test_cli_quantize_writes_a_loadable_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(tmp_path / "x"), "--model", str(ckpt),
                            "--calibration", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "missing.txt" in proc.stderr
+    # the bundled calibration text, for a quick GPTQ without a file of one's own
+    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(tmp_path / "demo-cal"), "--model",
+                           str(ckpt), "--calibration", "demo", "--samples", "2", "--seq-len", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert stablelm.AutoModelForCausalLM.from_pretrained(tmp_path / "demo-cal").quantization == "int4"

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="weights dtype: bfloat16, float16 or float32")
     p.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization for this library's side")
+    p.add_argument("--linear-format", default=None,
+                   help="force this library's weight format (see stablelm.linear.FORMATS; default: the fastest here)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
@@ -111,7 +113,8 @@ def worker(args) -> dict:
 
     start = time.perf_counter()
     quant = None if args.quantization == "none" else args.quantization
-    model = StableLmForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, quantization=quant)
+    model = StableLmForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, quantization=quant,
+                                                linear_format=args.linear_format)
     return measure(model, args, time.perf_counter() - start)
 
 
@@ -167,7 +170,8 @@ def serving(args, ckpt: Path) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     quant = None if args.quantization == "none" else args.quantization
-    model = StableLmForCausalLM.from_pretrained(ckpt, dtype=args.dtype, quantization=quant)
+    model = StableLmForCausalLM.from_pretrained(ckpt, dtype=args.dtype, quantization=quant,
+                                                linear_format=args.linear_format)
     tokenizer = train_tokenizer(["only used to turn ids into text"], 300)  # the checkpoint has none
     engine = Engine(model, tokenizer, max_batch=max(args.streams), max_context=128)
     gen = torch.Generator().manual_seed(0)
@@ -202,6 +206,9 @@ def run(args) -> int:
     if args.worker:
         worker(args)
         return 0
+    machine = _machine(args)
+    print(f"CPU: {machine['cpu']} (torch capability {machine['torch_capability']}, native kernels "
+          f"{machine['native_kernels']}); this library runs {machine['linear_format']} weights", file=sys.stderr)
     if args.serving:
         ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
         results = serving(args, ckpt)
@@ -211,7 +218,8 @@ def run(args) -> int:
             print(f"{key.split('_')[1]:>8}{r['aggregate_tok_s']:>18.2f}{r['aggregate_tok_s'] / base:>12.2f}x"
                   f"{r['mean_ttft_s']:>13.3f}")
         Path(args.json).write_text(json.dumps({"shape": args.shape, "layers": args.layers, "dtype": args.dtype,
-                                               "quantization": args.quantization, "serving": results}, indent=1))
+                                               "quantization": args.quantization, "machine": machine,
+                                               "serving": results}, indent=1))
         return 0
     from tqdm import tqdm
 
@@ -237,6 +245,8 @@ def run(args) -> int:
                    "--batch-sizes", *map(str, args.batch_sizes)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.linear_format and name == "stablelm":
+                cmd += ["--linear-format", args.linear_format]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} worker failed:\n{proc.stderr[-3000:]}")
@@ -245,12 +255,27 @@ def run(args) -> int:
     bar.close()
     best = {name: _best(results) for name, results in runs.items()}
     report = {"shape": args.shape, "layers": args.layers, "dtype": args.dtype, "quantization": args.quantization,
-              "threads": args.threads, "repeats": args.repeats, "best": best, "runs": runs}
+              "machine": machine, "threads": args.threads, "repeats": args.repeats, "best": best, "runs": runs}
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(_table(best))
     if args.chart:
         _chart(best, args, Path(args.chart))
     return 0
+
+
+def _machine(args) -> dict:
+    """The CPU, torch's capability, the native kernels and the weight format this run's model gets."""
+    import torch
+
+    from .config import dtype_from_name
+    from .linear import choose_format, describe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = describe()
+    quant = None if args.quantization == "none" else args.quantization
+    info["linear_format"] = choose_format(dtype_from_name(args.dtype), torch.device("cpu"), quant, args.linear_format)
+    return info
 
 
 def _best(results: list[dict]) -> dict:

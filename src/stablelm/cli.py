@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden-size", type=int, default=256)
     train.add_argument("--layers", type=int, default=6)
     train.add_argument("--vocab-size", type=int, default=4096)
+    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="bf16 autocast or fp32; auto: bf16 where the CPU multiplies bf16 natively "
+                            "(AVX512-BF16, AMX), else fp32")
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                            description=f"Serve /v1/completions and /v1/chat/completions. Model: {DEMO_NOTE}.")
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("out", help="folder to write (config, quantized safetensors, tokenizer files)")
     _add_model_options(quant)
     quant.add_argument("--bits", type=int, choices=[8, 4], default=4)
-    quant.add_argument("--calibration", help="a UTF-8 text file for GPTQ (int4); without it int4 rounds to nearest")
+    quant.add_argument("--calibration", help="a UTF-8 text file for GPTQ (int4), or 'demo' for the bundled sample of the "
+                                             "demo's training scenes; without it int4 rounds to nearest")
     quant.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     quant.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     quant.add_argument("--int8-modules", default="down_proj",
@@ -252,8 +256,9 @@ def _quantize(args) -> int:
     path = args.model or demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     if args.bits == 4 and args.calibration:
+        source = demo_model_path() / "calibration.txt" if args.calibration == "demo" else args.calibration
         try:
-            text = open(args.calibration, encoding="utf-8").read()
+            text = open(source, encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
             raise CliError(f"--calibration {args.calibration}: cannot read it as UTF-8 text ({e})") from None
         windows = calibration_windows(tokenizer(text).input_ids, args.samples, args.seq_len, args.seed)
@@ -279,7 +284,8 @@ def _train(args) -> int:
 
     opts = TrainOptions(out=args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                         eval_every=args.eval_every, save_every=args.eval_every, max_chars=args.max_chars,
-                        hidden_size=args.hidden_size, num_layers=args.layers, vocab_size=args.vocab_size)
+                        hidden_size=args.hidden_size, num_layers=args.layers, vocab_size=args.vocab_size,
+                        precision=args.precision)
     out = train(opts)
     print(f"wrote {out}")
     return 0
