@@ -27,6 +27,10 @@ def formats_for(quantization):
 
 
 def cases():
+    return list(_cases())
+
+
+def _cases():
     for dtype in DTYPES:
         for quantization in (None, "int8", "int4"):
             for name in formats_for(quantization):
@@ -83,8 +87,9 @@ def test_every_available_format_runs_and_matches_fp32(ckpt, plain_fp32, name, dt
         cache = out.past_key_values
         cache_logits.append(out.logits.float())
     step = torch.cat(cache_logits, dim=1)
-    # prompt and decode paths: fp32 accumulation in a different order, rounded to the model's dtype
-    same = 1e-5 if dtype == torch.float32 else 0.02
+    # prompt and decode paths: fp32 accumulation in a different order, or (where the CPU multiplies 16-bit
+    # natively) a 16-bit prompt matmul on a weight rounded to 16 bits, against fp32 widening for decode
+    same = 1e-5 if dtype == torch.float32 else 0.04
     assert (step - prompt).abs().max() <= same * prompt.abs().max() + (1e-4 if dtype == torch.float32 else 0)
     generated = model.generate(IDS, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, IDS.shape[1] + 5)

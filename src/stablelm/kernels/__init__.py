@@ -63,7 +63,7 @@ def native_ops():
             # No -march: each ISA level is compiled through a `target` attribute and picked at run time,
             # so one binary suits every x86-64 CPU and the cache needs no key per CPU.
             cpp_extension.load(name="stablelm_kernels", sources=[str(_SOURCE)], is_python_module=False,
-                               extra_cflags=["-O3"], verbose=False)
+                               extra_cflags=["-O3", "-fopenmp"], verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means the same: use torch's kernels
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             print(f"stablelm: native CPU kernels unavailable ({reason[:200]}); using torch's kernels, "
