@@ -196,7 +196,7 @@ def test_native_gemv_equals_torch(isa, wdtype):
             w = torch.randn(n, k, generator=g).to(wdtype)
             scale = None
             expected = x.double() @ w.double().T
-        got = torch.ops.stablelm_kernels.gemv(x, w, scale, isa)
+        got = kernels.gemv(x, w, scale, isa)
         # fp32 accumulation of k products, against float64
         assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() * max(1, k / 256), (m, n, k)
 
@@ -212,22 +212,26 @@ def test_native_int4_gemv_equals_torch(isa):
         dense = (q.double().view(n, -1, group) * scale.double()[..., None] + offset.double()[..., None]).view(n, k)
         x = torch.randn(m, k, generator=g)
         expected = x.double() @ dense.T
-        got = torch.ops.stablelm_kernels.gemv_int4(x, packed, scale, offset, group, isa)
+        got = kernels.gemv_int4(x, packed, scale, offset, group, isa)
         assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), (m, n, k)
 
 
 def test_native_kernels_refuse_bad_input():
     if kernels.native_ops() is None:
         pytest.skip("the native kernels are not built here")
-    ops = torch.ops.stablelm_kernels
-    with pytest.raises(RuntimeError, match="columns"):
-        ops.gemv(torch.randn(1, 8), torch.randn(4, 16).bfloat16(), None, -1)
-    with pytest.raises(RuntimeError, match="rows"):
-        ops.gemv(torch.randn(9, 16), torch.randn(4, 16).bfloat16(), None, -1)
-    with pytest.raises(RuntimeError, match="scale"):
-        ops.gemv(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8), None, -1)
-    with pytest.raises(RuntimeError, match="not supported by this CPU"):
-        ops.gemv(torch.randn(1, 16), torch.randn(4, 16).bfloat16(), None, 99)
+    with pytest.raises(ValueError, match="columns"):
+        kernels.gemv(torch.randn(1, 8), torch.randn(4, 16).bfloat16())
+    with pytest.raises(ValueError, match="rows"):
+        kernels.gemv(torch.randn(9, 16), torch.randn(4, 16).bfloat16())
+    with pytest.raises(ValueError, match="scale"):
+        kernels.gemv(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8))
+    with pytest.raises(ValueError, match="float32"):
+        kernels.gemv(torch.randn(1, 16).bfloat16(), torch.randn(4, 16).bfloat16())
+    with pytest.raises(ValueError, match="not supported by this CPU"):
+        kernels.gemv(torch.randn(1, 16), torch.randn(4, 16).bfloat16(), isa=99)
+    with pytest.raises(ValueError, match="group"):
+        kernels.gemv_int4(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1),
+                          torch.ones(4, 1), 48)
 
 
 def test_int4_layout_of_torch_is_derived_not_assumed():

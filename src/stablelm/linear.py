@@ -26,7 +26,6 @@ from .quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8
 
 QUANTIZATIONS = ("int8", "int4")
 FORMATS: dict[str, type[LinearFormat]] = {}
-NATIVE_MAX_ROWS = 8  # the native kernels keep up to this many activation rows in registers
 
 
 def register(cls: type[LinearFormat]) -> type[LinearFormat]:
@@ -219,8 +218,8 @@ class Native16(LinearFormat):
         self.isa = kernels.native_isa()
 
     def matmul(self, x):
-        if x.shape[0] <= NATIVE_MAX_ROWS:
-            return torch.ops.stablelm_kernels.gemv(x.float(), self.weight, None, self.isa)
+        if x.shape[0] <= kernels.MAX_ROWS:
+            return kernels.gemv(x.float().contiguous(), self.weight, None, self.isa)
         if kernels.fast_16bit_matmul(self.compute_dtype):
             return F.linear(x, self.weight)
         return self._dense_matmul(x, lambda out: out.copy_(self.weight))
@@ -288,8 +287,8 @@ class Int8Native(Int8Base):
         self.isa = kernels.native_isa()
 
     def matmul(self, x):
-        if x.shape[0] <= NATIVE_MAX_ROWS:
-            return torch.ops.stablelm_kernels.gemv(x.float(), self.weight, self.scale32, self.isa)
+        if x.shape[0] <= kernels.MAX_ROWS:
+            return kernels.gemv(x.float().contiguous(), self.weight, self.scale32, self.isa)
         return self.prompt_matmul(x)
 
 
@@ -445,8 +444,8 @@ class Int4Native(Int4Base):
         return torch.cat([blocks & 0xF, blocks >> 4], dim=-1).view(n, k)
 
     def matmul(self, x):
-        if x.shape[0] <= NATIVE_MAX_ROWS:
-            return torch.ops.stablelm_kernels.gemv_int4(x.float(), self.weight, self.scale32, self.offset,
+        if x.shape[0] <= kernels.MAX_ROWS:
+            return kernels.gemv_int4(x.float().contiguous(), self.weight, self.scale32, self.offset,
                                                         self.group_size, self.isa)
         return self._dense_matmul(x, self.dequantize_into)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 ISA_LEVELS = ("scalar", "avx2", "avx512")
+MAX_ROWS = 8  # activation rows the native kernels keep in registers (kMaxRows in linear.cpp)
 _SOURCE = Path(__file__).with_name("linear.cpp")
 _lock = threading.Lock()
 
@@ -127,3 +128,55 @@ def fast_16bit_matmul(dtype: torch.dtype) -> bool:
     Without it, torch's bf16/fp16 matmuls run 4-8x slower than fp32 here, so prompts and training compute
     in fp32 instead. oneDNN's prepacked linear refuses bf16/fp16 on exactly those CPUs."""
     return dtype == torch.float32 or mkldnn_supports(dtype)
+
+
+# The checks live here, before the call: an error raised inside the extension crossed the library boundary
+# as a crash on one machine (torch 2.11 + another libstdc++), so the C++ checks are only a last line.
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, isa: int = -1) -> torch.Tensor:
+    """x (M <= 8, K) float32 @ weight (N, K) bf16 / fp16 / int8 (times `scale` (N,) float32 per row) -> (M, N)
+    float32, at ISA level `isa` (-1: the best this CPU has)."""
+    _check_rows(x, weight.shape[1] if weight.dim() == 2 else -1)
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in (torch.bfloat16, torch.float16, torch.int8):
+        raise ValueError(f"gemv: weight must be a contiguous (N, K) bf16, fp16 or int8 tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype == torch.int8 and (scale is None or scale.dtype != torch.float32 or not scale.is_contiguous()
+                                       or scale.numel() != weight.shape[0]):
+        raise ValueError(f"gemv: int8 weights need a contiguous float32 scale of {weight.shape[0]} rows")
+    return torch.ops.stablelm_kernels.gemv(x, weight, scale, _check_isa(isa))
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+              isa: int = -1) -> torch.Tensor:
+    """x (M <= 8, K) float32 @ int4 weights (see linear.cpp for the layout) -> (M, N) float32."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous():
+        raise ValueError(f"gemv_int4: packed must be contiguous (N, K / 2) uint8, got {packed.dtype} {tuple(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    _check_rows(x, k)
+    if group % 32 or k % group:
+        raise ValueError(f"gemv_int4: group {group} must be a multiple of 32 that divides K = {k}")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n * (k // group):
+            raise ValueError(f"gemv_int4: {name} must be contiguous float32 ({n}, {k // group})")
+    return torch.ops.stablelm_kernels.gemv_int4(x, packed, scale, offset, group, _check_isa(isa))
+
+
+def _check_rows(x: torch.Tensor, k: int) -> None:
+    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"native kernels: x must be a contiguous (M, K) float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] != k:
+        raise ValueError(f"native kernels: x has {x.shape[1]} columns, the weight {k}")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"native kernels: 1 to {MAX_ROWS} rows, got {x.shape[0]}")
+
+
+@functools.cache
+def _best_isa() -> int:
+    return int(native_ops().isa_level())
+
+
+def _check_isa(isa: int) -> int:
+    best = _best_isa()
+    if isa > best:
+        raise ValueError(f"native kernels: ISA level {ISA_LEVELS[isa] if isa < len(ISA_LEVELS) else isa} is not "
+                         f"supported by this CPU (best: {ISA_LEVELS[best]})")
+    return isa
