@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import FORMATS, QUANTIZATIONS, LinearFormat, choose_format, share_workspace, unpack_pairs
+from .linear import FORMATS, LinearFormat, choose_format, share_workspace, unpack_pairs
 from .meta import skip_init
 from .quantize import INT4_GROUP_SIZE
 

@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import torch
