@@ -148,6 +148,12 @@ def _cpu_only(device: torch.device) -> str | None:
     return None if device.type == "cpu" else f"runs on the CPU only, not {device.type}"
 
 
+def _native_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return _cpu_only(device)
+    return None if kernels.native_ops() is not None else "the native kernels are not built"
+
+
 # -- 16/32-bit formats -------------------------------------------------------------------------------
 @register
 class Dense(LinearFormat):
@@ -207,11 +213,9 @@ class Native16(LinearFormat):
 
     @classmethod
     def unavailable(cls, dtype, device):
-        if device.type != "cpu":
-            return _cpu_only(device)
-        if dtype not in (torch.bfloat16, torch.float16):
+        if dtype not in cls.dtypes:
             return "for bf16/fp16 weights only"
-        return None if kernels.native_ops() is not None else "the native kernels are not built"
+        return _native_unavailable(device)
 
     def _build(self, weight):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
@@ -219,7 +223,7 @@ class Native16(LinearFormat):
 
     def matmul(self, x):
         if x.shape[0] <= kernels.MAX_ROWS:
-            return kernels.gemv(x.float().contiguous(), self.weight, None, self.isa)
+            return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, None, self.isa)
         if kernels.fast_16bit_matmul(self.compute_dtype):
             return F.linear(x, self.weight)
         return self._dense_matmul(x, lambda out: out.copy_(self.weight))
@@ -277,9 +281,7 @@ class Int8Native(Int8Base):
 
     @classmethod
     def unavailable(cls, dtype, device):
-        if device.type != "cpu":
-            return _cpu_only(device)
-        return None if kernels.native_ops() is not None else "the native kernels are not built"
+        return _native_unavailable(device)
 
     def _build(self, q, scale):
         super()._build(q, scale)
@@ -288,7 +290,7 @@ class Int8Native(Int8Base):
 
     def matmul(self, x):
         if x.shape[0] <= kernels.MAX_ROWS:
-            return kernels.gemv(x.float().contiguous(), self.weight, self.scale32, self.isa)
+            return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, self.scale32, self.isa)
         return self.prompt_matmul(x)
 
 
@@ -312,13 +314,16 @@ class Int4Base(LinearFormat):
         # w = q * scale + offset, one multiply-add over the values
         self.register_buffer("offset", zero.float() - 8 * scale.float(), persistent=False)
 
-    def values(self) -> torch.Tensor:
-        """The 4-bit values q (N, K) in 0..15."""
+    def values_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The 4-bit values q (N, K) in 0..15, written into `out` (any dtype) with no temporary of that size."""
         raise NotImplementedError
+
+    def values(self) -> torch.Tensor:
+        return self.values_into(torch.empty(self.out_features, self.in_features, dtype=torch.uint8))
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        groups = out.view(n, -1, self.group_size).copy_(self.values().view(n, -1, self.group_size))
+        groups = self.values_into(out).view(n, -1, self.group_size)
         return groups.mul_(self.scale.to(out.dtype)[..., None]).add_(self.offset.to(out.dtype)[..., None]).view(n, k)
 
     def dense_weight(self):
@@ -329,12 +334,14 @@ class Int4Base(LinearFormat):
         return {"weight": pack_pairs(self.values()), "weight_scale": self.scale, "weight_zero": self.zero}
 
 
-def unpack_int4_blocks(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
-    """The (n, k) values of torch's CPU int4 packing with `block` rows per block: each block is stored as
-    k x block/2 bytes, byte i of column c holding row i (low nibble) and row block/2 + i (high nibble)."""
+def unpack_int4_blocks(packed: torch.Tensor, n: int, k: int, block: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (n, k) values of torch's CPU int4 packing with `block` rows per block (into `out` when given): each
+    block is stored as k x block/2 bytes, byte i of column c holding row i (low nibble) and row block/2 + i
+    (high nibble)."""
     half = block // 2
     blocks = packed.view(n // block, k, half).transpose(1, 2)  # (n / block, half, k)
-    values = torch.empty(n // block, block, k, dtype=torch.uint8)
+    values = (torch.empty(n, k, dtype=torch.uint8) if out is None else out).view(n // block, block, k)
     values[:, :half] = blocks & 0xF
     values[:, half:] = blocks >> 4
     return values.view(n, k)
@@ -398,17 +405,17 @@ class Int4Torch(Int4Base):
         block = torch_int4_block()
         self.block = block if block is not None and q.shape[0] % block == 0 else None
 
-    def values(self):
+    def values_into(self, out):
         n, k = self.out_features, self.in_features
         if self.block is not None:
-            return unpack_int4_blocks(self.weight, n, k, self.block)
+            return unpack_int4_blocks(self.weight, n, k, self.block, out)
         # The kernel applied to the identity returns the dequantized weight (transposed): round it back.
         eye = torch.eye(k, dtype=torch.float32)
         dense = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_zeros.float()).t()
         groups = dense.reshape(n, -1, self.group_size)
         q = (groups - self.offset[..., None]) / self.scale.float()[..., None]
-        return q.round().clamp(0, 15).to(torch.uint8).view(n, k)
+        return out.copy_(q.round().clamp(0, 15).view(n, k))
 
     def matmul(self, x):
         if x.shape[0] >= self.DENSE_MIN_ROWS and self.block is not None:
@@ -425,9 +432,7 @@ class Int4Native(Int4Base):
 
     @classmethod
     def unavailable(cls, dtype, device):
-        if device.type != "cpu":
-            return _cpu_only(device)
-        return None if kernels.native_ops() is not None else "the native kernels are not built"
+        return _native_unavailable(device)
 
     def _build(self, q, scale, zero):
         n, k = q.shape
@@ -438,14 +443,17 @@ class Int4Native(Int4Base):
         self.register_buffer("scale32", scale.float().contiguous(), persistent=False)
         self.isa = kernels.native_isa()
 
-    def values(self):
+    def values_into(self, out):
         n, k = self.out_features, self.in_features
         blocks = self.weight.view(n, k // 32, 16)
-        return torch.cat([blocks & 0xF, blocks >> 4], dim=-1).view(n, k)
+        values = out.view(n, k // 32, 32)
+        values[..., :16] = blocks & 0xF
+        values[..., 16:] = blocks >> 4
+        return out
 
     def matmul(self, x):
         if x.shape[0] <= kernels.MAX_ROWS:
-            return kernels.gemv_int4(x.float().contiguous(), self.weight, self.scale32, self.offset,
+            return torch.ops.stablelm_kernels.gemv_int4(x.float().contiguous(), self.weight, self.scale32, self.offset,
                                                         self.group_size, self.isa)
         return self._dense_matmul(x, self.dequantize_into)
 

@@ -123,24 +123,6 @@ AVX2 void rows_avx2_mr(const float* x, const void* w, const float* scale, float*
   for (; row < n_end; ++row) tile_avx2<kind, MR, 1>(x, k, w, row, scale, y, n);
 }
 
-template <Kind kind>
-AVX2 void rows_avx2(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n_begin,
-                    int64_t n_end, int64_t n, int64_t k) {
-  // Blocks of 16 output rows: their weights stay in L1 while every chunk of activation rows uses them.
-  for (int64_t b = n_begin; b < n_end; b += 16) {
-    const int64_t e = std::min(b + 16, n_end);
-    for (int64_t r = 0; r < m;) {
-      const int64_t left = m - r;
-      const float* xr = x + r * k;
-      float* yr = y + r * n;
-      if (left >= 4) { rows_avx2_mr<kind, 4>(xr, w, scale, yr, b, e, n, k); r += 4; }
-      else if (left == 3) { rows_avx2_mr<kind, 3>(xr, w, scale, yr, b, e, n, k); r += 3; }
-      else if (left == 2) { rows_avx2_mr<kind, 2>(xr, w, scale, yr, b, e, n, k); r += 2; }
-      else { rows_avx2_mr<kind, 1>(xr, w, scale, yr, b, e, n, k); r += 1; }
-    }
-  }
-}
-
 // ---- AVX-512 (F, BW, VL) -------------------------------------------------------------------------
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
@@ -189,19 +171,33 @@ AVX512 void rows_avx512_mr(const float* x, const void* w, const float* scale, fl
   for (; row < n_end; ++row) tile_avx512<kind, MR, 1>(x, k, w, row, scale, y, n);
 }
 
+// ---- both SIMD levels --------------------------------------------------------------------------
+// MR activation rows against output rows [b, e) at the chosen level.
+template <Kind kind, int MR>
+void rows_mr(int64_t isa, const float* x, const void* w, const float* scale, float* y, int64_t b, int64_t e,
+             int64_t n, int64_t k) {
+  if (isa == kAvx512) rows_avx512_mr<kind, MR>(x, w, scale, y, b, e, n, k);
+  else rows_avx2_mr<kind, MR>(x, w, scale, y, b, e, n, k);
+}
+
 template <Kind kind>
-AVX512 void rows_avx512(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n_begin,
-                        int64_t n_end, int64_t n, int64_t k) {
-  for (int64_t b = n_begin; b < n_end; b += 24) {
-    const int64_t e = std::min(b + 24, n_end);
+void rows_simd(int64_t isa, const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n_begin,
+               int64_t n_end, int64_t n, int64_t k) {
+  // Blocks of output rows whose weights stay in L1 while every chunk of (up to 4) activation rows uses them.
+  const int64_t block = isa == kAvx512 ? 24 : 16;
+  for (int64_t b = n_begin; b < n_end; b += block) {
+    const int64_t e = std::min(b + block, n_end);
     for (int64_t r = 0; r < m;) {
-      const int64_t left = m - r;
+      const int64_t chunk = std::min<int64_t>(m - r, 4);
       const float* xr = x + r * k;
       float* yr = y + r * n;
-      if (left >= 4) { rows_avx512_mr<kind, 4>(xr, w, scale, yr, b, e, n, k); r += 4; }
-      else if (left == 3) { rows_avx512_mr<kind, 3>(xr, w, scale, yr, b, e, n, k); r += 3; }
-      else if (left == 2) { rows_avx512_mr<kind, 2>(xr, w, scale, yr, b, e, n, k); r += 2; }
-      else { rows_avx512_mr<kind, 1>(xr, w, scale, yr, b, e, n, k); r += 1; }
+      switch (chunk) {
+        case 4: rows_mr<kind, 4>(isa, xr, w, scale, yr, b, e, n, k); break;
+        case 3: rows_mr<kind, 3>(isa, xr, w, scale, yr, b, e, n, k); break;
+        case 2: rows_mr<kind, 2>(isa, xr, w, scale, yr, b, e, n, k); break;
+        default: rows_mr<kind, 1>(isa, xr, w, scale, yr, b, e, n, k);
+      }
+      r += chunk;
     }
   }
 }
@@ -291,8 +287,7 @@ template <Kind kind>
 void run(const float* x, int64_t m, const void* w, const float* scale, float* y, int64_t n, int64_t k, int64_t isa) {
   at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
     const int64_t b = begin * 16, e = std::min(end * 16, n);
-    if (isa == kAvx512) rows_avx512<kind>(x, m, w, scale, y, b, e, n, k);
-    else if (isa == kAvx2) rows_avx2<kind>(x, m, w, scale, y, b, e, n, k);
+    if (isa >= kAvx2) rows_simd<kind>(isa, x, m, w, scale, y, b, e, n, k);
     else rows_scalar<kind>(x, m, w, scale, y, b, e, n, k);
   });
 }
