@@ -3,11 +3,14 @@
 A request is prefilled alone into a scratch cache, copied into free rows of the shared cache (one per
 `n`), and joins the running batch at the next step. A finished or cancelled sequence leaves at once:
 the last active row moves into its place, so the active rows are always 0..k-1 and each decode step
-is one forward over exactly those rows.
+is one forward over exactly those rows. Sampling, stop strings and the text hand-out are generate()'s
+own (stablelm.sampling, stablelm.streaming).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections import deque
@@ -17,12 +20,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import sampling
 from .cache import KVCache
 from .generation import decode_step, prefill
+from .streaming import IncrementalText, StopScanner
+
+log = logging.getLogger("stablelm.engine")
 
 
 @dataclass
 class SamplingParams:
+    """One request's decoding options (OpenAI's names); `sampling.validate` checks them at submit."""
+
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -32,6 +41,33 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    # The names sampling.process / validate read (generate()'s GenerationConfig has the same).
+    min_length, min_new_tokens, num_beams, num_return_sequences, early_stopping = 0, None, 1, 1, False
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature != 0
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_tokens
+
+    def validate(self) -> None:
+        """Raise ValueError naming the value that cannot work."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        StopScanner(self.stop)
+        sampling.validate(self)
 
 
 @dataclass
@@ -57,35 +93,46 @@ class Request:
         self.first_token_at: float | None = None
         self.done = threading.Event()
         self.unfinished = params.n
+        self.started = 0  # sequences that joined the batch
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
 class _Sequence:
-    def __init__(self, request: Request, index: int, row: int, vocab: int, device):
+    def __init__(self, request: Request, index: int, row: int, engine: Engine):
         self.request, self.index, self.row = request, index, row
         self.tokens: list[int] = []
-        self.sent = 0  # characters of text already emitted
+        self.text = IncrementalText(engine.tokenizer, request.params.stop)
         self.pending_logprobs: list[dict] = []
         params = request.params
+        device = engine.model.device
         self.generator = None
-        if params.seed is not None:
+        if params.seed is not None:  # validated to [0, 2**63 - 1]; index < n keeps it a valid 64-bit seed
             self.generator = torch.Generator(device=device).manual_seed(params.seed + index)
-        self.counts = torch.zeros(vocab, device=device) if (params.presence_penalty or params.frequency_penalty) \
-            else None
+        self.counts = None
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(1, engine.vocab_size, device=device)
 
 
 class Engine:
-    """Owns the model, the shared cache and the decode loop (in a background thread)."""
+    """Owns the model, the shared cache and the decode loop (in a background thread).
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None):
+    Every submitted request ends with a finish event for each of its sequences, whatever happens: a
+    failure while admitting or stepping one sequence ends that sequence alone, with an error event.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
+                 kv_cache_memory: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.vocab_size = model.config.vocab_size
+        self.context, self.kv_cache_memory = plan_cache(model.config, model.dtype, max_batch, max_context,
+                                                        kv_cache_memory)
         self.cache = KVCache.for_model(model, max_batch, self.context)
         self.eos = set(model.config.eos_token_ids) | set(
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        self.no_eos = torch.empty(0, dtype=torch.long)
         self.waiting: deque[Request] = deque()
         self.active: list[_Sequence] = []  # active[i].row == i
         self.lock = threading.Condition()
@@ -97,8 +144,21 @@ class Engine:
 
     # -- the API side ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queue a request; raises QueueFull when the queue is at max_queue."""
+        """Queue a request; ValueError for options or a prompt that cannot run, QueueFull at max_queue."""
+        request.params.validate()
+        ids = request.prompt_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context is {self.context}")
+        if request.params.n > self.max_batch:
+            raise ValueError(f"n = {request.params.n} exceeds the batch size {self.max_batch}")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
         with self.lock:
+            if not self.running:
+                raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(request)
@@ -116,10 +176,17 @@ class Engine:
         return not self.active and not self.waiting
 
     def shutdown(self) -> None:
+        """Stop the loop; every request still waiting or running ends with an error event."""
         with self.lock:
             self.running = False
             self.lock.notify()
         self.thread.join(timeout=10)
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in list(self.active):
+            self._finish(seq, "error", error="the server is shutting down")
+        for request in waiting:
+            self._fail(request, "the server is shutting down")
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -130,14 +197,15 @@ class Engine:
                     self.lock.wait()
                 if not self.running:
                     return
-            try:
-                self._admit()
-                self._drop_cancelled()
-                if self.active:
+            self._admit()
+            self._drop_cancelled()
+            if self.active:
+                try:
                     self._step()
-            except Exception as e:  # never let one bad step kill the server: fail the affected requests
-                for seq in list(self.active):
-                    self._finish(seq, "error", error=str(e))
+                except Exception as e:  # the batched forward failed: every sequence in it ends
+                    log.exception("decode step failed")
+                    for seq in list(self.active):
+                        self._finish(seq, "error", error=f"generation failed: {e}")
             if self.on_step:
                 self.on_step(len(self.active), len(self.waiting))
 
@@ -151,20 +219,33 @@ class Engine:
                 request.done.set()
                 continue
             try:
-                ids = torch.tensor([request.prompt_ids], device=self.model.device)
-                scratch = KVCache.for_model(self.model, 1, ids.shape[1])
-                logits = prefill(self.model, ids, torch.ones_like(ids), scratch)[0]
-            except Exception as e:
-                for index in range(request.params.n):
-                    request.emit(Event(index, str(e), finish_reason="error"))
-                request.done.set()
-                continue
-            for index in range(request.params.n):
-                row = len(self.active)
-                self.cache.copy_row(row, scratch, 0)
-                seq = _Sequence(request, index, row, logits.shape[-1], logits.device)
-                self.active.append(seq)
-                self._take(seq, logits)
+                self._start(request)
+            except Exception as e:  # this request alone ends
+                log.exception("admitting a request failed")
+                for seq in [s for s in self.active if s.request is request]:
+                    self._finish(seq, "error", error=f"generation failed: {e}")
+                self._fail(request, f"generation failed: {e}")
+
+    def _start(self, request: Request) -> None:
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        scratch = KVCache.for_model(self.model, 1, ids.shape[1])
+        logits = prefill(self.model, ids, torch.ones_like(ids), scratch)[0]
+        for index in range(request.params.n):
+            row = len(self.active)
+            self.cache.copy_row(row, scratch, 0)
+            seq = _Sequence(request, index, row, self)
+            request.started += 1
+            self.active.append(seq)
+            self._take(seq, logits)
+
+    def _fail(self, request: Request, message: str) -> None:
+        """End the sequences of `request` that never started, with an error event each."""
+        for index in range(request.started, request.params.n):
+            _send(request, Event(index, message, finish_reason="error"))
+            request.unfinished -= 1
+        request.started = request.params.n
+        if request.unfinished <= 0:
+            request.done.set()
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.active if s.request.cancelled]:
@@ -179,69 +260,52 @@ class Engine:
         self.cache.absorb(view)
         self.steps += 1
         for seq, row_logits in zip(list(self.active), logits):
-            self._take(seq, row_logits)
+            try:
+                self._take(seq, row_logits)
+            except Exception as e:  # this sequence alone ends
+                log.exception("sampling failed")
+                self._finish(seq, "error", error=f"generation failed: {e}")
 
     # -- one sequence ------------------------------------------------------------------------
     def _take(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token of `seq` from its logits (V,), emit text, finish if done."""
         params = seq.request.params
-        scores = logits.float()
+        seen = torch.tensor([seq.request.prompt_ids + seq.tokens], device=logits.device) \
+            if params.repetition_penalty != 1.0 else None
+        scores = sampling.process(logits.float()[None], seen, len(seq.tokens), params, self.no_eos,
+                                  counts=seq.counts)
+        token = int(sampling.choose(scores, params.do_sample, seq.generator)[0])
         if seq.counts is not None:
-            scores = scores - params.frequency_penalty * seq.counts - params.presence_penalty * (seq.counts > 0)
-        if params.temperature == 0:
-            token = int(scores.argmax())
-        else:
-            scores = scores / params.temperature
-            if params.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=False)
-                remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - params.top_p
-                remove[-1] = False
-                scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-            token = int(torch.multinomial(F.softmax(scores, dim=-1), 1, generator=seq.generator))
-        if seq.counts is not None:
-            seq.counts[token] += 1
+            seq.counts[0, token] += 1
         if params.logprobs is not None:
             seq.pending_logprobs.append(self._logprobs(logits, token, params.logprobs))
         request = seq.request
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         if token in self.eos:
-            self._emit(seq, self.tokenizer.decode(seq.tokens, skip_special_tokens=True), final=True)
+            self._emit(seq, seq.text.flush())
             self._finish(seq, "stop")
             return
         seq.tokens.append(token)
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        for stop in params.stop:
-            at = text.find(stop)
-            if at != -1:
-                self._emit(seq, text[:at], final=True)
-                self._finish(seq, "stop")
-                return
-        if len(seq.tokens) >= params.max_tokens or self.cache.lengths[seq.row] + 1 >= self.context:
-            self._emit(seq, text, final=True)
+        piece, stopped = seq.text.add([token])
+        if stopped:
+            self._emit(seq, piece)
+            self._finish(seq, "stop")
+        elif len(seq.tokens) >= params.max_tokens or self.cache.lengths[seq.row] + 1 >= self.context:
+            self._emit(seq, piece + seq.text.flush())
             self._finish(seq, "length")
-            return
-        self._emit(seq, text, final=False)
+        else:
+            self._emit(seq, piece)
 
-    def _emit(self, seq: _Sequence, text: str, final: bool) -> None:
-        """Send the new part of `text`, holding back an incomplete character or a possible stop prefix."""
-        end = len(text)
-        if not final:
-            if text.endswith("\ufffd"):
-                return
-            for stop in seq.request.params.stop:
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        end = min(end, len(text) - k)
-                        break
-        if end > seq.sent or seq.pending_logprobs:
-            seq.request.emit(Event(seq.index, text[seq.sent:end], seq.pending_logprobs,
-                                   completion_tokens=len(seq.tokens)))
-            seq.sent = max(seq.sent, end)
+    def _emit(self, seq: _Sequence, piece: str) -> None:
+        if piece or seq.pending_logprobs:
+            _send(seq.request, Event(seq.index, piece, seq.pending_logprobs, completion_tokens=len(seq.tokens)))
             seq.pending_logprobs = []
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
         """Leave the batch now: free the row by moving the last active row into it."""
+        if seq not in self.active:
+            return
         last = self.active[-1]
         if last is not seq:
             self.cache.copy_row(seq.row, self.cache, last.row)
@@ -251,8 +315,8 @@ class Engine:
         self.cache.reset_rows([len(self.active)])
         request = seq.request
         if reason != "cancelled":
-            request.emit(Event(seq.index, "" if error is None else error, seq.pending_logprobs,
-                               finish_reason=reason, completion_tokens=len(seq.tokens)))
+            _send(request, Event(seq.index, "" if error is None else error, seq.pending_logprobs,
+                                 finish_reason=reason, completion_tokens=len(seq.tokens)))
         request.unfinished -= 1
         if request.unfinished == 0:
             request.done.set()
@@ -266,6 +330,55 @@ class Engine:
         return entry
 
 
+def _send(request: Request, event: Event) -> None:
+    """Hand an event to the request's client; a client that is gone must not stop the engine."""
+    try:
+        request.emit(event)
+    except Exception:
+        log.debug("could not deliver an event", exc_info=True)
+
+
+def plan_cache(config, dtype: torch.dtype, max_batch: int, max_context: int | None,
+               kv_cache_memory: int | None) -> tuple[int, int]:
+    """(context, budget in bytes) for a `max_batch` x context KV cache that fits the memory budget.
+
+    The budget defaults to a quarter of the memory available now. Without `max_context` the context is the
+    model's, shortened to fit; a `max_context` that does not fit is an error naming both numbers.
+    """
+    if kv_cache_memory is None:
+        kv_cache_memory = available_memory() // 4
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    fits = kv_cache_memory // (per_token * max_batch)
+    model_context = config.max_position_embeddings
+    if max_context is not None:
+        context = min(max_context, model_context)
+        if context > fits:
+            raise ValueError(f"a KV cache of {max_batch} x {context} tokens needs "
+                             f"{_gib(per_token * max_batch * context)}, over the budget of {_gib(kv_cache_memory)}: "
+                             "lower --max-context or --max-batch, or raise --kv-cache-memory")
+    else:
+        context = min(model_context, fits)
+    if context < 2:
+        raise ValueError(f"the KV cache budget of {_gib(kv_cache_memory)} holds no useful context for "
+                         f"{max_batch} sequences: raise --kv-cache-memory or lower --max-batch")
+    return context, kv_cache_memory
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable; physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 class QueueFull(Exception):
     """The engine's queue is at max_queue."""
-

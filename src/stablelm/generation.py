@@ -6,12 +6,15 @@ composes them into the reference's `model.generate` (same options, same tokens).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from . import sampling
 from .cache import KVCache
 from .generation_config import GenerationConfig
+from .streaming import StopScanner
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"the prompt has {prompt_len} tokens, past the model's context of "
                          f"{config.max_position_embeddings} (max_position_embeddings) and the model has no rope scaling")
     max_length = prompt_len + gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length
+    if max_length > config.max_position_embeddings and config.rope_scaling is None:
+        warnings.warn(f"generating up to {max_length} tokens, past the model's context of "
+                      f"{config.max_position_embeddings} (max_position_embeddings): the text after it may degrade",
+                      stacklevel=3)
     if max_length <= prompt_len:
         if gc.max_new_tokens == 0:
             return input_ids
@@ -106,12 +113,10 @@ class StopStrings:
     """Stops a row once its generated text contains one of the stop strings."""
 
     def __init__(self, stop_strings: str | list[str], tokenizer, prompt_len: int):
-        self.strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        if not all(isinstance(s, str) and s for s in self.strings):
-            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        self.scanner = StopScanner(stop_strings)
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
         # A stop string spans at most this many tokens (every token decodes to at least one byte).
-        self.window = max(len(s.encode("utf-8")) for s in self.strings) + 1
+        self.window = max(len(s.encode("utf-8")) for s in self.scanner.strings) + 1
 
     def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B,) bool: the newest token completed a stop string."""
@@ -119,7 +124,7 @@ class StopStrings:
         for row in sequences[:, self.prompt_len:].tolist():
             text = self.tokenizer.decode(row[-self.window:])
             prev = self.tokenizer.decode(row[-self.window:-1])
-            done.append(any(s in text and s not in prev for s in self.strings))
+            done.append(self.scanner.find(text) != -1 and self.scanner.find(prev) == -1)
         return torch.tensor(done, device=sequences.device)
 
 
@@ -151,10 +156,7 @@ def _sample(model, input_ids, attention_mask, gc: GenerationConfig, max_length: 
     length = prompt_len
     while True:
         scores = sampling.process(logits, sequences[:, :length], length - prompt_len, gc, eos)
-        if gc.do_sample:
-            tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
+        tokens = sampling.choose(scores, gc.do_sample)
         if len(eos):
             tokens = torch.where(unfinished, tokens, gc.pad_token_id)
         sequences[:, length] = tokens

@@ -1,10 +1,20 @@
-"""Logit processing as pure functions on (B, V) float32 scores, in the reference's order and semantics."""
+"""Logit processing as pure functions on (B, V) float32 scores, in the reference's order and semantics.
+
+`process` applies every processor of one step, `choose` picks the tokens and `validate` refuses values
+whose math is unsafe; generate() and the server's engine both go through these three.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 NEG_INF = -float("inf")
+# Below this a temperature turns float32 scores into inf (and the softmax into NaN): sample greedily instead.
+MIN_TEMPERATURE = 1e-5
+MAX_SEED = 2**63 - 1
 
 
 def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -20,6 +30,13 @@ def suppress(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Forbid the given token ids (e.g. EOS before min_new_tokens)."""
     mask = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
     return scores.masked_fill(mask, NEG_INF)
+
+
+def count_penalties(scores: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: counts (B, V) = times each token was generated so far."""
+    if not presence and not frequency:
+        return scores
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
 def temperature(scores: torch.Tensor, t: float) -> torch.Tensor:
@@ -58,12 +75,16 @@ def min_p(scores: torch.Tensor, p: float | None, min_keep: int = 1) -> torch.Ten
 
 
 def process(scores: torch.Tensor, sequences: torch.Tensor, new_tokens: int, options, eos_ids: torch.Tensor,
-            min_keep: int = 1) -> torch.Tensor:
+            min_keep: int = 1, counts: torch.Tensor | None = None) -> torch.Tensor:
     """All processors of one decoding step: penalties and length rules, then (if sampling) the warpers.
 
-    scores (B, V) float32; sequences (B, T) everything so far (prompt included); new_tokens generated so far.
+    scores (B, V) float32; sequences (B, T) everything so far (prompt included); new_tokens generated so far;
+    counts (B, V): generated-token counts, for the presence/frequency penalties (the server's options).
     """
     scores = repetition_penalty(scores, sequences, options.repetition_penalty)
+    if counts is not None:
+        scores = count_penalties(scores, counts, getattr(options, "presence_penalty", 0.0),
+                                 getattr(options, "frequency_penalty", 0.0))
     if len(eos_ids) and (sequences.shape[1] < options.min_length or new_tokens < (options.min_new_tokens or 0)):
         scores = suppress(scores, eos_ids)
     if options.do_sample:
@@ -74,20 +95,39 @@ def process(scores: torch.Tensor, sequences: torch.Tensor, new_tokens: int, opti
     return scores
 
 
+def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) processed scores -> (B,) next tokens: the most likely, or drawn from the softmax."""
+    if not do_sample:
+        return torch.argmax(scores, dim=-1)
+    return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(options) -> None:
     """Raise ValueError naming the decoding option whose value cannot work."""
     if options.max_new_tokens is not None and options.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {options.max_new_tokens}")
     if options.do_sample:
-        if not (isinstance(options.temperature, (int, float)) and options.temperature > 0):
-            raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r}")
-    if not 0.0 < options.top_p <= 1.0:
+        if not (_finite(options.temperature) and options.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} when sampling (0 or do_sample=False is "
+                             f"greedy), got {options.temperature!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(options, name, 0.0)
+        if not (_finite(value) and -2.0 <= value <= 2.0):
+            raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+    seed = getattr(options, "seed", None)
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    if not (_finite(options.top_p) and 0.0 < options.top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {options.top_p!r}")
     if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {options.top_k!r}")
-    if options.min_p is not None and not 0.0 <= options.min_p <= 1.0:
+    if options.min_p is not None and not (_finite(options.min_p) and 0.0 <= options.min_p <= 1.0):
         raise ValueError(f"min_p must be in [0, 1], got {options.min_p!r}")
-    if not options.repetition_penalty > 0:
+    if not (_finite(options.repetition_penalty) and options.repetition_penalty > 0):
         raise ValueError(f"repetition_penalty must be > 0, got {options.repetition_penalty!r}")
     if not isinstance(options.num_beams, int) or options.num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {options.num_beams!r}")
