@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization for this library's side")
     p.add_argument("--linear-format", default=None,
                    help="force this library's weight format (see stablelm.linear.FORMATS; default: the fastest here)")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512],
+                   help="prompt lengths whose prefill is timed (default 128 512)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")

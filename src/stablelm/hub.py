@@ -32,13 +32,42 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, cache_dir=cache_dir,
                                       local_files_only=local_files_only, token=token))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{name}: not a local folder, and not in the hub cache "
-            f"({'offline mode' if local_files_only or os.environ.get('HF_HUB_OFFLINE') else 'download failed'})"
-        ) from None
+    except LocalEntryNotFoundError as e:
+        if local_files_only or os.environ.get("HF_HUB_OFFLINE"):
+            why = "offline mode: local_files_only or HF_HUB_OFFLINE is set"
+        else:
+            why = f"download failed: {download_cause(e)}"
+        raise FileNotFoundError(f"{name}: not a local folder, and not in the hub cache ({why})") from None
     except HfHubHTTPError as e:
-        raise FileNotFoundError(f"{name}: could not fetch from the hub ({e})") from None
+        raise FileNotFoundError(f"{name}: could not fetch from the hub ({download_cause(e)})") from None
+
+
+def download_cause(error: BaseException) -> str:
+    """Why a hub download failed, in words: no network, no such repository, needs a token, or the raw error."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, GatedRepoError):
+            return "the repository is gated: accept its terms on the hub and pass token= (or log in)"
+        if isinstance(e, RepositoryNotFoundError):
+            return "no such repository on the hub, or it is private (pass token= or log in)"
+        if isinstance(e, RevisionNotFoundError):
+            return "no such revision in the repository"
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"the hub refused access (HTTP {status}): pass token= or log in"
+    for e in chain:
+        text = f"{type(e).__name__}: {e}"
+        if any(word in text for word in ("ConnectError", "ConnectionError", "Name or service not known",
+                                         "Temporary failure in name resolution", "Network is unreachable",
+                                         "timed out", "Timeout")):
+            return f"cannot reach the hub, no network? ({text.splitlines()[0][:200]})"
+    last = chain[-1]
+    return f"{type(last).__name__}: {str(last).splitlines()[0][:200] if str(last) else ''}"
 
 
 def resolve_file(name_or_path: str | os.PathLike, filename: str, *, required: bool = True, **hub_kwargs) -> Path | None:

@@ -253,6 +253,8 @@ class StableLmModel(PreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = x.shape[:2]
         cache = past_key_values if past_key_values is not None else cache
@@ -303,6 +305,19 @@ class StableLmModel(PreTrainedModel):
                 raise ValueError("attn_implementation='flash_attention_2' needs a CUDA device")
         for layer in self.layers:
             layer.self_attn.attn_implementation = implementation
+
+
+def check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError for input_ids that cannot be embedded: empty, not integers, or outside the vocabulary."""
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be (batch, sequence) with at least one token, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    low, high = input_ids.aminmax()
+    if low < 0 or high >= vocab_size:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary (vocab_size {vocab_size})")
 
 
 def _attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor | None, past: int | None,

@@ -1,26 +1,49 @@
-"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) on the continuous-batching engine."""
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) on the continuous-batching engine.
+
+Layers, outside in: `GuardedH11` (uvicorn's HTTP/1.1 protocol with a header deadline and a connection
+cap), `guard` (Host, API key, content type, metrics, one error shape), the routes (parse -> tokenize
+off the event loop -> `generate`), and the engine thread. Every client mistake is a 4xx in OpenAI's
+error shape; a failure inside one request ends that request alone.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, Field, ValidationError, field_validator
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
+from .sampling import MAX_SEED, MIN_TEMPERATURE
 
 log = logging.getLogger("stablelm.server")
-MAX_BODY_BYTES = 1 << 20
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
+@dataclass
+class Limits:
+    """What one client may cost the server."""
+
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 10.0  # seconds to send the request headers, and again the body
+    max_connections: int = 256  # open connections; more are closed at once
+    disconnect_poll: float = 0.25  # seconds between checks that a non-streaming client is still there
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)  # Host header names; () = any
+
+
+# -- request schemas ---------------------------------------------------------------------------
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
@@ -28,16 +51,20 @@ class ChatMessage(BaseModel):
 
 class _Common(BaseModel):
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    # Extensions that vLLM and llama.cpp's server accept too.
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
 
     model_config = {"extra": "ignore"}
 
@@ -49,17 +76,24 @@ class _Common(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
+
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -70,71 +104,94 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
+# -- the app -----------------------------------------------------------------------------------
+class Service:
+    """What the routes share: the engine, the tokenizer, the metrics and the limits."""
+
+    def __init__(self, model, tokenizer, model_name: str, api_key: str | None, limits: Limits, engine: Engine):
+        from .metrics import Metrics
+
+        self.tokenizer, self.model_name, self.api_key, self.limits = tokenizer, model_name, api_key, limits
+        self.engine = engine
+        self.metrics = Metrics()
+        engine.on_step = self.metrics.observe_engine
+
+
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_context: int | None = None):
-    """The FastAPI app; its engine starts with it and stops on shutdown."""
+               max_queue: int = 64, max_context: int | None = None, kv_cache_memory: int | None = None,
+               limits: Limits | None = None):
+    """The FastAPI app; its engine starts with it and stops (ending every open request) on shutdown."""
     from contextlib import asynccontextmanager
 
-    from .metrics import Metrics
-
-    metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
-    engine.on_step = metrics.observe_engine
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+                    kv_cache_memory=kv_cache_memory)
+    service = Service(model, tokenizer, model_name, api_key, limits or Limits(), engine)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         engine.shutdown()
 
-    app = FastAPI(title="stablelm", lifespan=lifespan)
-    app.state.engine = engine
+    # The interactive docs load scripts from a CDN: off. The schema stays (behind the key, if any).
+    app = FastAPI(title="stablelm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service, app.state.engine = service, engine
+    _add_guard(app, service)
+    _add_routes(app, service)
+    return app
 
-    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                            status_code=status)
+
+def _add_guard(app: FastAPI, service: Service) -> None:
+    metrics = service.metrics
 
     @app.middleware("http")
     async def guard(request: HTTPRequest, call_next):
         started = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            response = error(413, f"request body over {MAX_BODY_BYTES} bytes")
-        elif api_key and request.url.path.startswith("/v1/") and not _authorized(request, api_key):
-            response = error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
-        else:
+        response = _refuse(request, service)
+        if response is None:
             try:
                 response = await call_next(request)
             except Exception as e:  # a bug must not take the server down
                 log.exception("unhandled error")
-                response = error(500, f"internal error: {e}", kind="server_error")
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+                response = error_response(500, f"internal error: {type(e).__name__}", kind="server_error")
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         log.info("%s %s %s %.1fms", request.method, request.url.path, response.status_code,
                  (time.perf_counter() - started) * 1000)
         return response
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
-        return error(exc.status, exc.message, exc.param, exc.kind)
+        return error_response(exc.status, exc.message, exc.param, exc.kind)
 
-    async def parse(request: HTTPRequest, schema: type[BaseModel]):
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"invalid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        try:
-            parsed = schema.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise APIError(400, f"{param}: {first['msg']}", param) from None
-        if parsed.model not in (None, model_name):
-            raise APIError(400, f"unknown model {parsed.model!r}; this server serves {model_name!r}", "model")
-        return parsed
+
+def _refuse(request: HTTPRequest, service: Service):
+    """The response that refuses `request` before any route runs, or None."""
+    limits = service.limits
+    host = _host_name(request.headers.get("host", ""))
+    if limits.allowed_hosts and host not in limits.allowed_hosts:
+        return error_response(421, f"Host {host!r} is not served here (a web page cannot drive this server; "
+                                   "add names with --allowed-host)", kind="invalid_request_error")
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+        return error_response(413, f"request body over {limits.max_body_bytes} bytes")
+    public = request.url.path == "/health"
+    if service.api_key and not public and not _authorized(request, service.api_key):
+        return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
+                              kind="authentication_error")
+    if request.method == "POST":
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return error_response(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
+    return None
+
+
+def _add_routes(app: FastAPI, service: Service) -> None:
+    engine, tokenizer = service.engine, service.tokenizer
 
     @app.get("/health")
     async def health():
@@ -142,137 +199,210 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.get("/metrics")
     async def prometheus():
-        body, content_type = metrics.render()
+        body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
                                             "owned_by": "stablelm"}]}
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await parse(request, CompletionRequest)
+        body = await parse(request, CompletionRequest, service)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must be a string or a non-empty list of strings", "prompt")
-        encoded = [tokenizer.encode(p) for p in prompts]
-        params = _params(body, body.max_tokens, body.logprobs)
-        return await run(request, "text_completion", encoded, params, body, prompts)
+        encoded = await asyncio.to_thread(lambda: [tokenizer.encode(p) for p in prompts])
+        return await generate(request, service, "text_completion", encoded, _params(body, body.max_tokens,
+                                                                                       body.logprobs), body, prompts)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        body = await parse(request, ChatRequest)
+        body = await parse(request, ChatRequest, service)
         if not tokenizer.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         messages = [m.model_dump() for m in body.messages]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        try:
+            ids = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                          return_dict=False)
+        except TemplateError as e:  # the template refused this conversation (e.g. the order of roles)
+            raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = _params(body, limit, top)
-        return await run(request, "chat.completion", [ids], params, body, None)
+        return await generate(request, service, "chat.completion", [ids], _params(body, limit, top), body, None)
 
     def _params(body, max_tokens, logprobs) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens if max_tokens is not None else engine.context,
                               temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop or [],
                               seed=body.seed, presence_penalty=body.presence_penalty,
-                              frequency_penalty=body.frequency_penalty, logprobs=logprobs)
+                              frequency_penalty=body.frequency_penalty, logprobs=logprobs, top_k=body.top_k,
+                              min_p=body.min_p, repetition_penalty=body.repetition_penalty)
 
-    async def run(http: HTTPRequest, kind: str, encoded: list[list[int]], params: SamplingParams, body, prompts):
-        for ids in encoded:
-            if not ids:
-                raise APIError(400, "the prompt is empty", "prompt" if prompts else "messages")
-            if len(ids) >= engine.context:
-                raise APIError(400, f"the prompt has {len(ids)} tokens; the context is {engine.context}",
-                               "prompt" if prompts else "messages")
-        if params.n * len(encoded) > engine.max_batch:
-            raise APIError(400, f"n x prompts = {params.n * len(encoded)} exceeds the batch size {engine.max_batch}",
-                           "n")
-        loop = asyncio.get_running_loop()
-        queues = []
-        requests = []
-        for i, ids in enumerate(encoded):
-            events: asyncio.Queue = asyncio.Queue()
-            req = Request(ids, params, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e))
-            queues.append(events)
-            requests.append(req)
+
+# -- reading a request ---------------------------------------------------------------------------
+async def read_body(request: HTTPRequest, limits: Limits) -> bytes:
+    """The body, counted as it arrives (chunked bodies too): 413 past the limit, 408 if it is too slow."""
+    chunks, size = [], 0
+
+    async def receive():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), limits.request_timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body took longer than {limits.request_timeout:g} s") from None
+    return b"".join(chunks)
+
+
+async def parse(request: HTTPRequest, schema: type[BaseModel], service: Service):
+    body = await read_body(request, service.limits)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # incl. over-long integers and nesting too deep to parse
+        raise APIError(400, f"invalid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request holds a string that is not valid Unicode (a lone surrogate such as "
+                            "\\ud800)") from None
+    try:
+        parsed = schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}", param) from None
+    if parsed.model not in (None, service.model_name):
+        raise APIError(400, f"unknown model {parsed.model!r}; this server serves {service.model_name!r}", "model")
+    return parsed
+
+
+# -- running a request ---------------------------------------------------------------------------
+async def generate(http: HTTPRequest, service: Service, kind: str, encoded: list[list[int]],
+                   params: SamplingParams, body, prompts):
+    engine, metrics = service.engine, service.metrics
+    param = "prompt" if prompts else "messages"
+    for ids in encoded:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param)
+        if len(ids) >= engine.context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the context is {engine.context}", param)
+    if params.n * len(encoded) > engine.max_batch:
+        raise APIError(400, f"n x prompts = {params.n * len(encoded)} exceeds the batch size {engine.max_batch}",
+                       "n")
+    call = _Call(kind, service.model_name, params, encoded)
+    loop = asyncio.get_running_loop()
+    for ids, events in zip(encoded, call.queues):
+        call.requests.append(Request(ids, params, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e)))
+    try:
+        for req in call.requests:
+            engine.submit(req)
+    except QueueFull as e:
+        call.cancel()
+        raise APIError(429, str(e), kind="rate_limit_error") from None
+    except ValueError as e:
+        call.cancel()
+        raise APIError(400, str(e)) from None
+    metrics.prompt_tokens.inc(call.prompt_tokens)
+    if body.stream:
+        return StreamingResponse(_stream(call, service), media_type="text/event-stream")
+    return await _complete(http, call, service, body, prompts)
+
+
+class _Call:
+    """One HTTP request's engine requests (a prompt each) and their event queues."""
+
+    def __init__(self, kind: str, model_name: str, params: SamplingParams, encoded: list[list[int]]):
+        self.kind, self.model_name, self.params = kind, model_name, params
+        self.queues = [asyncio.Queue() for _ in encoded]
+        self.requests: list[Request] = []
+        self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(ids) for ids in encoded)
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+
+    def cancel(self) -> None:
+        for req in self.requests:
+            req.cancel()
+
+    def choice(self, prompt: int, event: Event) -> int:
+        return prompt * self.params.n + event.index
+
+    def chunk(self, index: int, delta, finish_reason=None, logprobs=None) -> dict:
+        if self.kind == "chat.completion":
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model_name, "choices": [choice]}
+        choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+                "choices": [choice]}
+
+    async def events(self):
+        """(prompt index, event) until every sequence of every prompt has finished."""
+        pending = {p: self.params.n for p in range(len(self.queues))}
+        getters = {p: asyncio.ensure_future(q.get()) for p, q in enumerate(self.queues)}
         try:
-            for req in requests:
-                engine.submit(req)
-        except QueueFull as e:
-            for req in requests:
-                req.cancel()
-            raise APIError(429, str(e), kind="rate_limit_error") from None
-        rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        name = model_name
-        prompt_tokens = sum(len(ids) for ids in encoded)
-        metrics.prompt_tokens.inc(prompt_tokens)
+            while getters:
+                done, _ = await asyncio.wait(getters.values(), return_when=asyncio.FIRST_COMPLETED)
+                for p, task in list(getters.items()):
+                    if task in done:
+                        event = task.result()
+                        yield p, event
+                        if event.finish_reason is not None:
+                            pending[p] -= 1
+                        if pending[p]:
+                            getters[p] = asyncio.ensure_future(self.queues[p].get())
+                        else:
+                            del getters[p]
+        finally:
+            for task in getters.values():
+                task.cancel()
 
-        def choice_index(p: int, e: Event) -> int:
-            return p * params.n + e.index
+    def observe_first(self, metrics) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            metrics.ttft.observe(self.first_at - self.started)
 
-        async def events_of_all():
-            """(prompt index, event) until every sequence of every prompt has finished."""
-            pending = {p: params.n for p in range(len(queues))}
-            getters = {p: asyncio.ensure_future(q.get()) for p, q in enumerate(queues)}
-            try:
-                while getters:
-                    done, _ = await asyncio.wait(getters.values(), return_when=asyncio.FIRST_COMPLETED)
-                    for p, task in list(getters.items()):
-                        if task in done:
-                            event = task.result()
-                            yield p, event
-                            if event.finish_reason is not None:
-                                pending[p] -= 1
-                            if pending[p]:
-                                getters[p] = asyncio.ensure_future(queues[p].get())
-                            else:
-                                del getters[p]
-            finally:
-                for task in getters.values():
-                    task.cancel()
 
-        def observe(first_at: list, started: float):
-            if not first_at:
-                first_at.append(time.perf_counter())
-                metrics.ttft.observe(first_at[0] - started)
+async def _stream(call: _Call, service: Service):
+    metrics, tokenizer = service.metrics, service.tokenizer
+    try:
+        if call.kind == "chat.completion":
+            for i in range(call.params.n):
+                yield _sse(call.chunk(i, {"role": "assistant", "content": ""}))
+        async for p, event in call.events():
+            call.observe_first(metrics)
+            if event.finish_reason == "error":
+                yield _sse({"error": {"message": event.text, "type": "server_error"}})
+                continue
+            if event.finish_reason:
+                metrics.completion_tokens.inc(event.completion_tokens)
+            delta = {"content": event.text} if call.kind == "chat.completion" else event.text
+            if event.text or event.token_logprobs or event.finish_reason:
+                yield _sse(call.chunk(call.choice(p, event), delta, event.finish_reason,
+                                      _logprobs(call.kind, event, tokenizer)))
+        yield "data: [DONE]\n\n"
+    finally:
+        call.cancel()  # a client that went away stops its generation
+        metrics.latency.observe(time.perf_counter() - call.started)
 
-        started = time.perf_counter()
-        if body.stream:
-            async def stream():
-                first_at: list = []
-                try:
-                    if kind == "chat.completion":
-                        for i in range(params.n):
-                            yield _sse(_chunk(rid, created, name, kind, i, {"role": "assistant", "content": ""}))
-                    async for p, event in events_of_all():
-                        observe(first_at, started)
-                        if event.finish_reason == "error":
-                            yield _sse({"error": {"message": event.text, "type": "server_error"}})
-                            continue
-                        if event.finish_reason:
-                            metrics.completion_tokens.inc(event.completion_tokens)
-                        delta = {"content": event.text} if kind == "chat.completion" else event.text
-                        if event.text or event.token_logprobs or event.finish_reason:
-                            yield _sse(_chunk(rid, created, name, kind, choice_index(p, event), delta,
-                                              event.finish_reason, _logprobs(kind, event, tokenizer)))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for req in requests:
-                        req.cancel()  # a client that went away stops its generation
-                    metrics.latency.observe(time.perf_counter() - started)
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        texts = {}
-        reasons = {}
-        lps: dict[int, list] = {}
-        completion_tokens = 0
-        first_at: list = []
-        async for p, event in events_of_all():
-            observe(first_at, started)
-            i = choice_index(p, event)
+async def _complete(http: HTTPRequest, call: _Call, service: Service, body, prompts):
+    """Collect every event, then answer; a client that goes away meanwhile cancels the generation."""
+    watcher = asyncio.ensure_future(_watch_disconnect(http, call, service.limits.disconnect_poll))
+    try:
+        texts, reasons, lps, completion_tokens = {}, {}, {}, 0
+        async for p, event in call.events():
+            call.observe_first(service.metrics)
+            i = call.choice(p, event)
             if event.finish_reason == "error":
                 raise APIError(500, event.text, kind="server_error")
             texts[i] = texts.get(i, "") + event.text
@@ -280,41 +410,53 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             if event.finish_reason:
                 reasons[i] = event.finish_reason
                 completion_tokens += event.completion_tokens
-        metrics.completion_tokens.inc(completion_tokens)
-        metrics.latency.observe(time.perf_counter() - started)
-        choices = []
-        for i in sorted(texts):
-            fake = Event(i, texts[i], lps[i])
-            if kind == "text_completion":
-                text = (prompts[i // params.n] + texts[i]) if body.echo else texts[i]
-                choices.append({"index": i, "text": text, "logprobs": _logprobs(kind, fake, tokenizer),
-                                "finish_reason": reasons[i]})
-            else:
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                                "logprobs": _logprobs(kind, fake, tokenizer), "finish_reason": reasons[i]})
-        return {"id": rid, "object": kind, "created": created, "model": name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+    finally:
+        watcher.cancel()
+        call.cancel()
+    service.metrics.completion_tokens.inc(completion_tokens)
+    service.metrics.latency.observe(time.perf_counter() - call.started)
+    choices = []
+    for i in sorted(texts):
+        fake = Event(i, texts[i], lps[i])
+        logprobs = _logprobs(call.kind, fake, service.tokenizer)
+        if call.kind == "text_completion":
+            text = (prompts[i // call.params.n] + texts[i]) if body.echo else texts[i]
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reasons[i]})
+        else:
+            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                            "logprobs": logprobs, "finish_reason": reasons[i]})
+    usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": call.prompt_tokens + completion_tokens}
+    return {"id": call.id, "object": call.kind, "created": call.created, "model": call.model_name,
+            "choices": choices, "usage": usage}
 
-    return app
+
+async def _watch_disconnect(http: HTTPRequest, call: _Call, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        if await http.is_disconnected():
+            log.info("client of %s went away; cancelling", call.id)
+            call.cancel()
+            return
 
 
+# -- helpers -------------------------------------------------------------------------------------
 def _authorized(request, api_key: str) -> bool:
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""
     return hmac.compare_digest(token.encode(), api_key.encode())
 
 
+def _host_name(host: str) -> str:
+    """The name in a Host header, without the port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-def _chunk(rid, created, name, kind, index, delta, finish_reason=None, logprobs=None) -> dict:
-    if kind == "chat.completion":
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    return {"id": rid, "object": "text_completion", "created": created, "model": name,
-            "choices": [{"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def _logprobs(kind: str, event: Event, tokenizer):
@@ -340,17 +482,91 @@ def _first_per_text(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]
     return out
 
 
+# -- the process ---------------------------------------------------------------------------------
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus: request headers must arrive within `header_timeout` seconds of
+    the connection (or of the previous response), and connections past `max_connections` are closed."""
+
+    header_timeout = 10.0
+    max_connections = 256
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_deadline = None
+        if len(self.connections) > self.max_connections:
+            log.warning("closing a connection: %d open, the limit is %d", len(self.connections), self.max_connections)
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _too_slow(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()  # no complete request head in time (slowloris)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if getattr(self, "_header_deadline", None) is not None:
+            self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+
+def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
+    """Host names to accept: bound to a loopback address, only loopback names (DNS rebinding); else any,
+    unless names are given."""
+    names = tuple(h.lower() for h in extra or ())
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() == "localhost"
+    if loopback:
+        return LOOPBACK_NAMES + names
+    return names
+
+
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-          model_name: str | None = None) -> None:
-    """Load the model and run the server until interrupted."""
+          model_name: str | None = None, kv_cache_memory: int | None = None, request_timeout: float = 10.0,
+          allowed_host: list[str] | None = None, max_connections: int = 256) -> None:
+    """Load the model and run the server until interrupted (SIGINT / SIGTERM)."""
+    import socket
+
     import uvicorn
 
     from .auto import AutoModelForCausalLM, AutoTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # Take the port first: a port in use is a one-line error before minutes of loading.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                      f"{' (another server is using the port? pick one with --port)' if e.errno == 98 else ''}") \
+            from None
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
+                    allowed_hosts=allowed_hosts(host, allowed_host))
     app = create_app(model, tokenizer, model_name or str(model_path), api_key=api_key, max_batch=max_batch,
-                     max_queue=max_queue, max_context=max_context)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+                     max_queue=max_queue, max_context=max_context, kv_cache_memory=kv_cache_memory, limits=limits)
+    engine = app.state.engine
+    protocol = type("Guarded", (GuardedH11,), {"header_timeout": request_timeout, "max_connections": max_connections})
+    shown = f"[{host}]" if ":" in host else host
+    log.info("KV cache: %d sequences x %d tokens (budget %.2f GiB)", max_batch, engine.context,
+             engine.kv_cache_memory / 2**30)
+    config = uvicorn.Config(app, log_level="warning", http=protocol, timeout_graceful_shutdown=5,
+                            timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    sock.listen(2048)  # connections from now on wait in the backlog until uvicorn accepts them
+    print(f"stablelm serve: ready on http://{shown}:{port}/v1 (model {model_name or model_path})", flush=True)
+    server.run(sockets=[sock])
