@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,65 @@ def tiny_checkpoint(path, cls_name: str = "StableLmForCausalLM", seed: int = 0, 
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`stablelm serve` as a real process on a free loopback port (stdout and stderr to `log`)."""
+
+    def __init__(self, model, *extra, log=None):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        out = open(log, "w") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "stablelm.cli", "serve", "--model", str(model),
+                                      "--port", str(self.port), "--model-name", "tiny", *extra],
+                                     stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if self.proc.poll() is not None:
+                raise RuntimeError(open(log).read() if log else f"the server exited with {self.proc.returncode}")
+        raise RuntimeError("the server did not start")
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def wait_idle(self, timeout: float = 10) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = self.health()
+            if h["batch_size"] == 0 and h["queue_depth"] == 0:
+                return h
+            time.sleep(0.05)
+        return self.health()
+
+    def rss(self) -> int:
+        """Resident memory of the server process, bytes."""
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` s; the exit status (None when it had to be killed)."""
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None

@@ -3,62 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
 
-from conftest import tiny_checkpoint
+from conftest import Server, tiny_checkpoint
 
 openai = pytest.importorskip("openai", reason="the server tests drive the official openai client")
 httpx = pytest.importorskip("httpx")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model, *extra):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "stablelm.cli", "serve", "--model", str(model),
-                                      "--port", str(self.port), "--model-name", "tiny", *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read())
-        raise RuntimeError("the server did not start")
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
-
-    def wait_idle(self, timeout: float = 10) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            h = self.health()
-            if h["batch_size"] == 0 and h["queue_depth"] == 0:
-                return h
-            time.sleep(0.05)
-        return self.health()
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

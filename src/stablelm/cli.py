@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"model: {DEMO_NOTE}.")
     quant.add_argument("out", help="folder to write (config, quantized safetensors, tokenizer files)")
     _add_model_options(quant)
-    quant.add_argument("--bits", type=int, choices=[8, 4], default=4)
+    quant.add_argument("--bits", type=int, choices=[8, 4], default=4,
+                       help="8 (int8 per row) or 4 (int4 in groups; the default)")
     quant.add_argument("--calibration", help="a UTF-8 text file for GPTQ (int4), or 'demo' for the bundled sample of the "
                                              "demo's training scenes; without it int4 rounds to nearest")
     quant.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")

@@ -179,7 +179,7 @@ class StableLmConfig:
             if rope_type != "default":
                 factor = self.rope_scaling.get("factor")
                 if not _finite(factor) or factor <= 0:
-                    raise ValueError(f"config key 'rope_scaling.factor' must be a number > 0, got {factor!r}")
+                    raise ValueError(f"config key 'rope_scaling.factor' must be a finite number > 0, got {factor!r}")
                 if rope_type == "dynamic" and factor < 1:
                     raise ValueError(f"config key 'rope_scaling.factor' must be >= 1 for dynamic scaling, got {factor!r}")
                 if rope_type == "dynamic" and self.rotary_dim <= 2:
@@ -222,7 +222,11 @@ class StableLmConfig:
         if "torch_dtype" in data:
             data.setdefault("dtype", data.pop("torch_dtype"))
         if "num_labels" in data and "id2label" not in data:
-            data["id2label"] = {i: f"LABEL_{i}" for i in range(int(data.pop("num_labels")))}
+            n = data.pop("num_labels")
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LABELS:
+                raise ValueError(f"{source}: config key 'num_labels' must be an integer in [1, {MAX_LABELS}], "
+                                 f"got {n!r}")
+            data["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
         data.pop("num_labels", None)
         data.pop("label2id", None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}

@@ -158,8 +158,7 @@ def _add_guard(app: FastAPI, service: Service) -> None:
             except Exception as e:  # a bug must not take the server down
                 log.exception("unhandled error")
                 response = error_response(500, f"internal error: {type(e).__name__}", kind="server_error")
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        metrics.requests.labels(_route_label(app, request), str(response.status_code)).inc()
         log.info("%s %s %s %.1fms", request.method, request.url.path, response.status_code,
                  (time.perf_counter() - started) * 1000)
         return response
@@ -441,6 +440,16 @@ async def _watch_disconnect(http: HTTPRequest, call: _Call, every: float) -> Non
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _route_label(app: FastAPI, request: HTTPRequest) -> str:
+    """The route template a request matched ("/v1/completions"), or "unmatched": metric labels stay bounded."""
+    from starlette.routing import Match
+
+    route = request.scope.get("route")
+    if route is None:  # refused before routing: find the route it was meant for
+        route = next((r for r in app.routes if r.matches(request.scope)[0] != Match.NONE), None)
+    return getattr(route, "path", "unmatched")
+
+
 def _authorized(request, api_key: str) -> bool:
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""
@@ -485,7 +494,8 @@ def _first_per_text(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]
 # -- the process ---------------------------------------------------------------------------------
 class GuardedH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, plus: request headers must arrive within `header_timeout` seconds of
-    the connection (or of the previous response), and connections past `max_connections` are closed."""
+    the connection (or of the previous response), and past `max_connections` open connections the oldest
+    one without a request in flight is closed (a slowloris cannot crowd out real clients)."""
 
     header_timeout = 10.0
     max_connections = 256
@@ -493,11 +503,19 @@ class GuardedH11(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._header_deadline = None
+        self.opened = time.monotonic()
         if len(self.connections) > self.max_connections:
-            log.warning("closing a connection: %d open, the limit is %d", len(self.connections), self.max_connections)
-            transport.close()
-            return
+            idle = [c for c in self.connections if c is not self and c._waiting_for_request()]
+            victim = min(idle, key=lambda c: c.opened) if idle else self
+            log.warning("%d connections open (limit %d): closing %s", len(self.connections), self.max_connections,
+                        "the oldest idle one" if idle else "the new one")
+            victim.transport.close()
+            if victim is self:
+                return
         self._arm()
+
+    def _waiting_for_request(self) -> bool:
+        return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
 
     def _arm(self) -> None:
         if self._header_deadline is not None:
@@ -505,7 +523,7 @@ class GuardedH11(H11Protocol):
         self._header_deadline = self.loop.call_later(self.header_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
-        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+        if self._waiting_for_request():
             self.transport.close()  # no complete request head in time (slowloris)
 
     def on_response_complete(self) -> None:
@@ -544,7 +562,8 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # Take the port first: a port in use is a one-line error before minutes of loading.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections (else Nagle adds 40 ms a reply).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -159,8 +159,11 @@ class Tokenizer:
 
     # -- encoding ----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._with_specials(self.backend.encode(text, add_special_tokens=add_special_tokens).ids,
-                                   add_special_tokens)
+        if len(text) > 16384:  # the batch call releases the GIL: a server's other threads go on meanwhile
+            encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        else:
+            encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return self._with_specials(encoding.ids, add_special_tokens)
 
     def _with_specials(self, ids: list[int], add_special_tokens: bool) -> list[int]:
         """Apply add_bos_token / add_eos_token where the backend's post-processor does not."""
