@@ -365,12 +365,19 @@ def test_abandoned_non_streaming_requests_are_cancelled(server):
         except httpx.TimeoutException:
             pass
 
+    def cancelled() -> float:
+        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines()
+                    if x.startswith("stablelm_requests_cancelled_total"))
+        return float(line.split()[-1])
+
+    before = cancelled()
     threads = [threading.Thread(target=gone) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert server.wait_idle(timeout=3)["batch_size"] == 0
+    assert server.wait_idle(timeout=2)["batch_size"] == 0
+    assert cancelled() - before == 6
 
 
 # -- 6. metric labels stay bounded ---------------------------------------------------------------

@@ -10,6 +10,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("stablelm_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.cancelled = Counter("stablelm_requests_cancelled", "Generations stopped because the client went away",
+                                 registry=r)
         self.prompt_tokens = Counter("stablelm_prompt_tokens", "Prompt tokens received", registry=r)
         self.completion_tokens = Counter("stablelm_completion_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("stablelm_queue_depth", "Requests waiting for a batch row", registry=r)

@@ -146,26 +146,43 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
 
 def _add_guard(app: FastAPI, service: Service) -> None:
-    metrics = service.metrics
-
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        started = time.perf_counter()
-        response = _refuse(request, service)
-        if response is None:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # a bug must not take the server down
-                log.exception("unhandled error")
-                response = error_response(500, f"internal error: {type(e).__name__}", kind="server_error")
-        metrics.requests.labels(_route_label(app, request), str(response.status_code)).inc()
-        log.info("%s %s %s %.1fms", request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - started) * 1000)
-        return response
+    app.add_middleware(Guard, service=service, routes=app.router)
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.param, exc.kind)
+
+
+class Guard:
+    """Plain ASGI middleware (not BaseHTTPMiddleware, whose receive hides client disconnects): refuses what
+    `_refuse` refuses, turns an unhandled error into a JSON 500, and counts and logs every request."""
+
+    def __init__(self, app, service: Service, routes):
+        self.app, self.service, self.routes = app, service, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request = HTTPRequest(scope)
+        status = {"code": 500, "sent": False}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        refusal = _refuse(request, self.service)
+        try:
+            await (refusal or self.app)(scope, receive, send_and_note)
+        except Exception as e:  # a bug must not take the server down
+            log.exception("unhandled error")
+            if not status["sent"]:
+                await error_response(500, f"internal error: {type(e).__name__}", kind="server_error")(
+                    scope, receive, send_and_note)
+        self.service.metrics.requests.labels(_route_label(self.routes, scope), str(status["code"])).inc()
+        log.info("%s %s %s %.1fms", request.method, request.url.path, status["code"],
+                 (time.perf_counter() - started) * 1000)
 
 
 def _refuse(request: HTTPRequest, service: Service):
@@ -373,6 +390,7 @@ class _Call:
 
 async def _stream(call: _Call, service: Service):
     metrics, tokenizer = service.metrics, service.tokenizer
+    finished = False
     try:
         if call.kind == "chat.completion":
             for i in range(call.params.n):
@@ -389,29 +407,29 @@ async def _stream(call: _Call, service: Service):
                 yield _sse(call.chunk(call.choice(p, event), delta, event.finish_reason,
                                       _logprobs(call.kind, event, tokenizer)))
         yield "data: [DONE]\n\n"
+        finished = True
     finally:
         call.cancel()  # a client that went away stops its generation
+        if not finished:
+            metrics.cancelled.inc()
         metrics.latency.observe(time.perf_counter() - call.started)
 
 
 async def _complete(http: HTTPRequest, call: _Call, service: Service, body, prompts):
     """Collect every event, then answer; a client that goes away meanwhile cancels the generation."""
-    watcher = asyncio.ensure_future(_watch_disconnect(http, call, service.limits.disconnect_poll))
+    collect = asyncio.ensure_future(_collect(call, service))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(http, service.limits.disconnect_poll))
     try:
-        texts, reasons, lps, completion_tokens = {}, {}, {}, 0
-        async for p, event in call.events():
-            call.observe_first(service.metrics)
-            i = call.choice(p, event)
-            if event.finish_reason == "error":
-                raise APIError(500, event.text, kind="server_error")
-            texts[i] = texts.get(i, "") + event.text
-            lps.setdefault(i, []).extend(event.token_logprobs)
-            if event.finish_reason:
-                reasons[i] = event.finish_reason
-                completion_tokens += event.completion_tokens
+        done, _ = await asyncio.wait({collect, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        call.cancel()
+        call.cancel()  # no-op for finished sequences
+    if collect not in done:
+        collect.cancel()
+        service.metrics.cancelled.inc()
+        log.info("client of %s went away; generation cancelled", call.id)
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    texts, reasons, lps, completion_tokens = collect.result()
     service.metrics.completion_tokens.inc(completion_tokens)
     service.metrics.latency.observe(time.perf_counter() - call.started)
     choices = []
@@ -430,23 +448,35 @@ async def _complete(http: HTTPRequest, call: _Call, service: Service, body, prom
             "choices": choices, "usage": usage}
 
 
-async def _watch_disconnect(http: HTTPRequest, call: _Call, every: float) -> None:
-    while True:
+async def _collect(call: _Call, service: Service):
+    """(texts, finish reasons, logprobs, completion tokens) of every choice, once all have finished."""
+    texts, reasons, lps, completion_tokens = {}, {}, {}, 0
+    async for p, event in call.events():
+        call.observe_first(service.metrics)
+        i = call.choice(p, event)
+        if event.finish_reason == "error":
+            raise APIError(500, event.text, kind="server_error")
+        texts[i] = texts.get(i, "") + event.text
+        lps.setdefault(i, []).extend(event.token_logprobs)
+        if event.finish_reason:
+            reasons[i] = event.finish_reason
+            completion_tokens += event.completion_tokens
+    return texts, reasons, lps, completion_tokens
+
+
+async def _wait_for_disconnect(http: HTTPRequest, every: float) -> None:
+    while not await http.is_disconnected():
         await asyncio.sleep(every)
-        if await http.is_disconnected():
-            log.info("client of %s went away; cancelling", call.id)
-            call.cancel()
-            return
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _route_label(app: FastAPI, request: HTTPRequest) -> str:
+def _route_label(router, scope) -> str:
     """The route template a request matched ("/v1/completions"), or "unmatched": metric labels stay bounded."""
     from starlette.routing import Match
 
-    route = request.scope.get("route")
+    route = scope.get("route")
     if route is None:  # refused before routing: find the route it was meant for
-        route = next((r for r in app.routes if r.matches(request.scope)[0] != Match.NONE), None)
+        route = next((r for r in router.routes if r.matches(scope)[0] != Match.NONE), None)
     return getattr(route, "path", "unmatched")
 
 
