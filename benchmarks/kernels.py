@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from stablelm import kernels, linear
+from stablelm import kernels
+from stablelm.layers import linear
 
 
 def timed(fn, seconds: float = 0.5) -> float:

@@ -91,7 +91,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 
 def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     """A byte-level BPE of 300 tokens trained on a few lines (ids 0, 1 = end-of-text, padding)."""
-    from stablelm.train import train_tokenizer
+    from stablelm.training.train import train_tokenizer
 
     tok = train_tokenizer(SAMPLE_TEXT * 20, 300)
     tok.chat_template = chat_template

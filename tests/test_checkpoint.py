@@ -171,7 +171,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_ckpt, monkeypatch):
     model, path = _saved(tmp_ckpt)
     before = {p.name: p.read_bytes() for p in tmp_ckpt.iterdir()}
     other = tiny_model(seed=1)
-    import stablelm.checkpoint as ck
+    import stablelm.io.checkpoint as ck
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

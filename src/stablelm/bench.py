@@ -66,8 +66,8 @@ def build_checkpoint(shape: str, layers: int | None, dtype: str, cache_dir: str)
     """A random-weight checkpoint of the named shape, built once and reused."""
     import torch
 
-    from .config import StableLmConfig, dtype_from_name
-    from .model import StableLmForCausalLM
+    from .models.config import StableLmConfig, dtype_from_name
+    from .models.model import StableLmForCausalLM
 
     fields = dict(SHAPES[shape])
     if layers:
@@ -110,7 +110,7 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    from .model import StableLmForCausalLM
+    from .models.model import StableLmForCausalLM
 
     start = time.perf_counter()
     quant = None if args.quantization == "none" else args.quantization
@@ -164,9 +164,9 @@ def serving(args, ckpt: Path) -> dict:
 
     import torch
 
-    from .engine import Engine, Request, SamplingParams
-    from .model import StableLmForCausalLM
-    from .train import train_tokenizer
+    from .models.model import StableLmForCausalLM
+    from .serving.engine import Engine, Request, SamplingParams
+    from .training.train import train_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,8 +268,8 @@ def _machine(args) -> dict:
     """The CPU, torch's capability, the native kernels and the weight format this run's model gets."""
     import torch
 
-    from .config import dtype_from_name
-    from .linear import choose_format, describe
+    from .layers.linear import choose_format, describe
+    from .models.config import dtype_from_name
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
 from . import demo_model_path
 
 DEMO_NOTE = "default: the bundled demo model (a small StableLM trained on Shakespeare's plays)"
@@ -41,7 +42,7 @@ def _positive_float(value: str) -> float:
 
 
 def _size(value: str) -> int:
-    from .checkpoint import parse_size
+    from .io.checkpoint import parse_size
 
     try:
         n = parse_size(value)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args) -> int:
     try:
-        from .server import serve
+        from .serving.server import serve
     except ModuleNotFoundError as e:
         raise CliError(f"the server needs the [serve] extra ({e.name} is not installed): "
                        "pip install 'stablelm[serve]'") from None
@@ -249,7 +250,7 @@ def _options(args, model) -> dict:
 
 
 def _generate(args) -> int:
-    from .streaming import TextStreamer
+    from .generation.streaming import TextStreamer
 
     model, tokenizer = _load(args)
     enc = tokenizer(args.prompt, return_tensors="pt")
@@ -262,7 +263,7 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
-    from .streaming import TextStreamer
+    from .generation.streaming import TextStreamer
 
     model, tokenizer = _load(args)
     if not tokenizer.chat_template:
@@ -314,7 +315,7 @@ def _quantize(args) -> int:
     import torch
 
     from .auto import AutoModelForCausalLM, AutoTokenizer
-    from .quantize import calibration_windows, gptq_quantize
+    from .layers.gptq import calibration_windows, gptq_quantize
 
     if args.device not in (None, "cpu"):
         raise CliError("quantize runs on the CPU (torch's int8/int4 kernels are CPU kernels); drop --device")
@@ -345,7 +346,7 @@ def _quantize(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import TrainOptions, train
+    from .training.train import TrainOptions, train
 
     opts = TrainOptions(out=args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                         eval_every=args.eval_every, save_every=args.eval_every, max_chars=args.max_chars,

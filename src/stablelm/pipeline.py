@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 
 import torch
 
-from .auto import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                   AutoTokenizer)
-from .generation_config import GenerationConfig
+from .auto import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+from .generation.config import GenerationConfig
 
 # The reference's text-generation defaults, used where the model's generation_config is silent.
 TEXT_GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
@@ -27,13 +33,13 @@ def pipeline(task: str, model=None, tokenizer=None, dtype="auto", device=None, t
         raise ValueError("pipeline needs model= (a checkpoint folder, a hub id, or a loaded model)")
     cls, auto = tasks[task]
     dtype = torch_dtype if torch_dtype is not None else dtype
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
         name = model
         model = auto.from_pretrained(model, dtype=dtype, device=device)
         tokenizer = tokenizer if tokenizer is not None else name
     elif device is not None:
         model = model.to(device)
-    if isinstance(tokenizer, str):
+    if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if tokenizer is None:
         name = getattr(model, "name_or_path", None)

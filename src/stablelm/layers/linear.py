@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .quantize import INT4_GROUP_SIZE, quantize_int4, quantize_int8
+from .. import kernels
+from .rounding import INT4_GROUP_SIZE, quantize_int4, quantize_int8
 
 QUANTIZATIONS = ("int8", "int4")
 FORMATS: dict[str, type[LinearFormat]] = {}
@@ -52,6 +52,22 @@ class Workspace(threading.local):
 def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype prompts multiply in: the model's, unless this CPU has no fast 16-bit matmul (then fp32)."""
     return dtype if kernels.fast_16bit_matmul(dtype) else torch.float32
+
+
+class _NoTraining(torch.autograd.Function):
+    """Identity forward; a backward pass through it is an error that names the fix."""
+
+    @staticmethod
+    def forward(ctx, y, layout):
+        ctx.layout = layout
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"backward through the inference layout ({ctx.layout!r}): its projection weights are "
+                           "frozen, packed buffers, so they would not train. Call model.train() first (it restores "
+                           "trainable nn.Linear weights), then create the optimizer from model.parameters(); or "
+                           "load with fast_inference=False")
 
 
 class LinearFormat(nn.Module):
@@ -117,6 +133,10 @@ class LinearFormat(nn.Module):
         """The weight as a plain (N, K) tensor in the compute dtype (dequantized for int8/int4)."""
         raise NotImplementedError
 
+    def traceable_weight(self) -> torch.Tensor:
+        """The dense weight as torch.compile can trace it (formats whose storage it cannot read override)."""
+        return self.dense_weight()
+
     def stored(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores for the whole (fused) weight, by key suffix: "weight" (dense, or int8
         q, or int4 values packed two per byte, low nibble first), "weight_scale", "weight_zero"."""
@@ -125,10 +145,15 @@ class LinearFormat(nn.Module):
     # -- shared --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor):
         shape = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype))
+        if torch.compiler.is_compiling():  # torch.compile traces the plain product of the dense weight
+            y = F.linear(x.reshape(-1, self.in_features).to(self.compute_dtype), self.traceable_weight())
+        else:
+            y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias
         y = y.to(x.dtype).view(*shape, self.out_features)
+        if x.requires_grad:  # a gradient would reach no weight here: training would skip every projection
+            y = _NoTraining.apply(y, self.name)
         return y.split(self.splits, dim=-1) if self.splits else y
 
     def _dense_matmul(self, x: torch.Tensor, convert) -> torch.Tensor:
@@ -199,6 +224,10 @@ class Mkldnn(LinearFormat):
 
     def dense_weight(self):
         return self.weight.to_dense()
+
+    def traceable_weight(self):
+        raise RuntimeError("the mkldnn layout opts out of torch.compile: oneDNN's packed weights cannot be traced. "
+                           "Compile a model loaded with fast_inference=False (or linear_format='dense')")
 
 
 @register

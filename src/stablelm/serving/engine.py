@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import sampling
-from .cache import KVCache
-from .generation import decode_step, prefill
-from .streaming import IncrementalText, StopScanner
+from ..generation import sampling
+from ..generation.generate import decode_step, prefill
+from ..generation.streaming import IncrementalText, StopScanner
+from ..models.cache import KVCache
 
 log = logging.getLogger("stablelm.engine")
 

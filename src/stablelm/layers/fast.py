@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.meta import skip_init
 from .linear import FORMATS, LinearFormat, choose_format, share_workspace, unpack_pairs
-from .meta import skip_init
-from .quantize import INT4_GROUP_SIZE
+from .rounding import INT4_GROUP_SIZE
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

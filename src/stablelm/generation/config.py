@@ -43,7 +43,7 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> GenerationConfig:
-        from .config import read_json_object
+        from ..models.config import read_json_object
 
         return cls.from_dict(read_json_object(path))
 

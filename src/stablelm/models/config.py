@@ -242,7 +242,7 @@ class StableLmConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> StableLmConfig:
-        from .hub import resolve_file
+        from ..io.hub import resolve_file
 
         return cls.from_json_file(resolve_file(name_or_path, "config.json", **hub_kwargs))
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .cache import KVCache
-from .checkpoint import PreTrainedModel
 from .config import StableLmConfig
+from .pretrained import PreTrainedModel
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -241,6 +242,7 @@ class StableLmModel(PreTrainedModel):
         self.layers = nn.ModuleList(StableLmDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing, self.checkpoint_kwargs = False, {"use_reentrant": False}
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
@@ -284,8 +286,13 @@ class StableLmModel(PreTrainedModel):
 
         cos, sin = self.rotary(position_ids, x.dtype)
         hidden_states = [x] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask, is_causal)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, mask, is_causal,
+                                                      **self.checkpoint_kwargs)
+            else:
+                x = layer(x, cos, sin, cache, mask, is_causal)
             if output_hidden_states:
                 hidden_states.append(x)
         x = self.norm(x)
@@ -378,7 +385,7 @@ class StableLmForCausalLM(PreTrainedModel):
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """Generate tokens; see `stablelm.generation.generate` for the options."""
-        from .generation import generate
+        from ..generation.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 

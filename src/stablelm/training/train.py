@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import kernels
-from .config import StableLmConfig
-from .generation_config import GenerationConfig
-from .model import StableLmForCausalLM
-from .tokenizer import Tokenizer
+from .. import kernels
+from ..generation.config import GenerationConfig
+from ..io.tokenizer import Tokenizer
+from ..models.config import StableLmConfig
+from ..models.model import StableLmForCausalLM
 
 EOT, PAD = "<|endoftext|>", "<|padding|>"
 # The demo's chat template renders a conversation as play dialogue: the user speaks as ROMEO,
@@ -292,7 +292,7 @@ SAMPLE_PROMPTS = ("ROMEO:\n", "KING HENRY:\nNow, my lords,", "FIRST CITIZEN:\n")
 
 def write_model_card(folder: str | Path, seed: int = 0) -> str:
     """README.md for a trained folder: architecture, data, training figures, loss curve, samples."""
-    from .auto import AutoModelForCausalLM, AutoTokenizer
+    from ..auto import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     summary = json.loads((folder / "training.json").read_text())

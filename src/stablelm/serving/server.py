@@ -25,8 +25,8 @@ from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..generation.sampling import MAX_SEED, MIN_TEMPERATURE
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
-from .sampling import MAX_SEED, MIN_TEMPERATURE
 
 log = logging.getLogger("stablelm.server")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -588,7 +588,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
     import uvicorn
 
-    from .auto import AutoModelForCausalLM, AutoTokenizer
+    from ..auto import AutoModelForCausalLM, AutoTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # Take the port first: a port in use is a one-line error before minutes of loading.

@@ -44,7 +44,11 @@ def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = No
 
 def download_cause(error: BaseException) -> str:
     """Why a hub download failed, in words: no network, no such repository, needs a token, or the raw error."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     chain, seen = [], error
     while seen is not None and len(chain) < 8:

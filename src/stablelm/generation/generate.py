@@ -11,9 +11,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..models.cache import KVCache
 from . import sampling
-from .cache import KVCache
-from .generation_config import GenerationConfig
+from .config import GenerationConfig
 from .streaming import StopScanner
 
 
@@ -71,6 +71,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             raise ValueError("return_dict_in_generate=True is not supported: generate returns the token ids")
         options.pop(ignored, None)
     gc = resolve_options(model, generation_config, options)
+    if options.get("max_length") is not None and gc.max_new_tokens is not None:
+        warnings.warn(f"Both `max_new_tokens` (={gc.max_new_tokens}) and `max_length`(={gc.max_length}) seem to have "
+                      "been set. `max_new_tokens` will take precedence.", stacklevel=3)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     device = model.device
@@ -92,8 +95,15 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     if max_length <= prompt_len:
         if gc.max_new_tokens == 0:
             return input_ids
-        raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length}: "
-                         "raise max_length or set max_new_tokens")
+        # The reference warns and still generates one token (its length check runs after each token).
+        warnings.warn(f"Input length of input_ids is {prompt_len}, but `max_length` is set to {max_length}. "
+                      "This can lead to unexpected behavior. You should consider increasing `max_length` or, "
+                      "better yet, setting `max_new_tokens`.", stacklevel=3)
+        max_length = prompt_len + 1
+    if attention_mask.shape[0] > 1 and not bool(attention_mask[:, -1].all()):
+        warnings.warn("A decoder-only architecture is being used, but right-padding was detected! For correct "
+                      "generation results, please set `padding_side='left'` when initializing the tokenizer.",
+                      stacklevel=3)
     if gc.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., tokenizer=tok)")
     eos = torch.tensor(gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else

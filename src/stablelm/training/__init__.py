@@ -1,0 +1,1 @@
+"""Training: the demo model's from-scratch recipe (train.py)."""
