@@ -74,6 +74,14 @@ def padded_batch(seed: int = 0, lengths=(7, 4, 6), vocab: int = 97, side: str = 
     return ids, mask
 
 
+@pytest.fixture(autouse=True)
+def _restore_grad_mode():
+    """In-process CLI calls switch autograd off for the process, as the CLI should; not for the next test."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, Server, perturb_, tiny_checkpoint, tiny_tokenizer
 
 import stablelm
-from conftest import TINY, Server, perturb_, tiny_checkpoint, tiny_tokenizer
 
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx (requirements-test.txt)")
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
@@ -87,95 +87,6 @@ def test_unsafe_sampling_values_are_400_and_others_go_on(server, extra, param):
     if param:
         assert r.json()["error"]["param"] == param
     assert results == {"text": solo, "finish": "length"}
-
-
-class Collector:
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        self.events.append(event)
-
-    def text(self):
-        return "".join(e.text for e in self.events if e.finish_reason != "error")
-
-    def reasons(self):
-        return [e.finish_reason for e in self.events if e.finish_reason]
-
-
-def _engine(monkeypatch=None, **kw):
-    from stablelm.serving.engine import Engine
-
-    model = stablelm.AutoModelForCausalLM.from_pretrained(stablelm.demo_model_path())
-    tok = stablelm.AutoTokenizer.from_pretrained(stablelm.demo_model_path())
-    return Engine(model, tok, **kw), tok
-
-
-def test_a_failing_sequence_ends_alone_in_the_engine(monkeypatch):
-    """Sampling that raises for one request (while admitting it, and later while stepping it) ends that
-    request with an error event; the requests beside it finish with the text they have alone."""
-    from stablelm.serving import engine as engine_module
-    from stablelm.generation import sampling
-    from stablelm.serving.engine import Request, SamplingParams
-
-    engine, tok = _engine(max_batch=4)
-    try:
-        greedy = SamplingParams(max_tokens=12, temperature=0)
-        ids = tok.encode("ROMEO:")
-
-        def run(params, prompt=ids):
-            c = Collector()
-            req = Request(prompt, params, c)
-            engine.submit(req)
-            return req, c
-
-        solo_req, solo = run(greedy)
-        assert solo_req.done.wait(60)
-        real_choose = sampling.choose
-        calls = {"n": 0}
-
-        def choose(scores, do_sample, generator=None):
-            if generator is not None:  # only the seeded request
-                calls["n"] += 1
-                if calls["n"] >= 3:
-                    raise RuntimeError("probability tensor contains inf")
-            return real_choose(scores, do_sample, generator)
-
-        monkeypatch.setattr(sampling, "choose", choose)
-        (ra, a), (rb, bad), (rc, c) = run(greedy), run(SamplingParams(max_tokens=12, temperature=0.8, seed=1)), \
-            run(greedy)
-        real_prefill = engine_module.prefill
-
-        def prefill(model, ids, *args):
-            if ids.shape[1] == 1:
-                raise RuntimeError("prefill exploded")
-            return real_prefill(model, ids, *args)
-
-        monkeypatch.setattr(engine_module, "prefill", prefill)
-        rd, d = run(greedy, tok.encode("O"))
-        for req in (ra, rb, rc, rd):
-            assert req.done.wait(60)
-        assert a.text() == c.text() == solo.text() and a.reasons() == c.reasons() == ["length"]
-        assert bad.reasons() == ["error"] and "inf" in bad.events[-1].text
-        assert d.reasons() == ["error"] and "prefill exploded" in d.events[-1].text
-        assert engine.idle()
-    finally:
-        engine.shutdown()
-
-
-def test_shutdown_ends_every_open_request():
-    from stablelm.serving.engine import Request, SamplingParams
-
-    engine, tok = _engine(max_batch=1)
-    collectors = []
-    for _ in range(3):
-        c = Collector()
-        collectors.append((Request(tok.encode("ROMEO:"), SamplingParams(max_tokens=400, temperature=0), c), c))
-        engine.submit(collectors[-1][0])
-    time.sleep(0.3)
-    engine.shutdown()
-    for req, c in collectors:
-        assert req.done.is_set() and c.reasons() in (["error"], ["length"])
 
 
 def test_sigterm_stops_the_server_with_requests_in_flight(ckpt):
@@ -413,18 +324,6 @@ def test_hostile_config_is_refused_quickly(tmp_path, change, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("=", "=")):
         stablelm.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert time.time() - started < 5
-
-
-def test_kv_cache_is_sized_from_a_memory_budget():
-    from stablelm.serving.engine import plan_cache
-
-    config = stablelm.StableLmConfig(**{**TINY, "max_position_embeddings": 2**22})
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    context, budget = plan_cache(config, torch.float32, 8, None, 2**30)
-    assert context == 2**30 // (per_token * 8) and budget == 2**30
-    assert plan_cache(config, torch.float32, 8, None, None)[0] * per_token * 8 <= (1 << 62)
-    with pytest.raises(ValueError, match="over the budget"):
-        plan_cache(config, torch.float32, 8, 2**22, 2**20)
 
 
 def test_serve_says_what_cache_it_chose(ckpt, tmp_path):

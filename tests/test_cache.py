@@ -1,0 +1,67 @@
+"""The KV cache: incremental forwards equal the full one, and the row operations a server relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stablelm
+from conftest import TINY, VARIANTS, padded_batch
+from stablelm import StableLmConfig, StableLmForCausalLM
+
+TOL = 1e-4
+
+
+def tiny_model(seed=0, **overrides) -> StableLmForCausalLM:
+    return StableLmForCausalLM.from_config(StableLmConfig(**{**TINY, **overrides}), seed=seed)
+
+
+@pytest.mark.parametrize("variant", ["base", "stablelm2_12b", "rope_dynamic", "everything"])
+def test_cached_incremental_forward_equals_full(variant):
+    model = tiny_model(**{k: v for k, v in VARIANTS[variant].items()})
+    ids, mask = padded_batch(lengths=(12, 9, 11))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = stablelm.KVCache.for_model(model, 3, 4)  # small on purpose: it grows
+        pieces = []
+        for start, end in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 12)):
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache)
+            pieces.append(out.logits)
+        stepped = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    assert (stepped[real] - full[real]).abs().max() < TOL
+
+
+def test_row_operations_keep_each_sequence_intact():
+    """copy_row, narrow/absorb and reset_rows, as the engine uses them: a row moved elsewhere continues
+    exactly as a solo run would."""
+    model = tiny_model()
+    prompts = [torch.tensor([[5, 9, 11, 4]]), torch.tensor([[7, 3]])]
+    solo = []
+    with torch.no_grad():
+        for ids in prompts:
+            cache = stablelm.KVCache.for_model(model, 1, 16)
+            model(ids, past_key_values=cache)
+            solo.append(model(torch.tensor([[6]]), past_key_values=cache).logits[0, -1])
+        shared = stablelm.KVCache.for_model(model, 3, 16)
+        for row, ids in zip((2, 0), prompts):
+            scratch = stablelm.KVCache.for_model(model, 1, ids.shape[1])
+            model(ids, past_key_values=scratch)
+            shared.copy_row(row, scratch, 0)
+        shared.copy_row(1, shared, 2)  # move the first prompt from row 2 to row 1, free row 2
+        shared.reset_rows([2])
+        view = shared.narrow(2)
+        positions = torch.tensor([[shared.lengths[1]], [shared.lengths[0]]]).flip(0)
+        logits = model(torch.tensor([[6], [6]]), position_ids=positions, past_key_values=view).logits[:, -1]
+        shared.absorb(view)
+    assert (logits[1] - solo[0]).abs().max() < TOL and (logits[0] - solo[1]).abs().max() < TOL
+    assert shared.lengths == [3, 5, 0]
+
+
+def test_a_row_longer_than_the_cache_is_refused():
+    model = tiny_model()
+    big = stablelm.KVCache.for_model(model, 1, 8)
+    with torch.no_grad():
+        model(torch.arange(3, 11)[None], past_key_values=big)
+    with pytest.raises(ValueError, match="does not fit a cache of capacity 4"):
+        stablelm.KVCache.for_model(model, 1, 4).copy_row(0, big, 0)

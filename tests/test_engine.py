@@ -1,0 +1,163 @@
+"""The continuous-batching engine in-process: the same tokens as generate(), and one failing sequence
+ends alone (issue 13, item 1)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import TINY
+
+import stablelm
+from stablelm.serving.engine import Engine, Request, SamplingParams, plan_cache
+
+
+class Collector:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    def text(self):
+        return "".join(e.text for e in self.events if e.finish_reason != "error")
+
+    def reasons(self):
+        return [e.finish_reason for e in self.events if e.finish_reason]
+
+
+def _engine(monkeypatch=None, **kw):
+    model = stablelm.AutoModelForCausalLM.from_pretrained(stablelm.demo_model_path())
+    tok = stablelm.AutoTokenizer.from_pretrained(stablelm.demo_model_path())
+    return Engine(model, tok, **kw), tok
+
+
+def test_a_failing_sequence_ends_alone_in_the_engine(monkeypatch):
+    """Sampling that raises for one request (while admitting it, and later while stepping it) ends that
+    request with an error event; the requests beside it finish with the text they have alone."""
+    from stablelm.generation import sampling
+    from stablelm.serving import engine as engine_module
+
+    engine, tok = _engine(max_batch=4)
+    try:
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        ids = tok.encode("ROMEO:")
+
+        def run(params, prompt=ids):
+            c = Collector()
+            req = Request(prompt, params, c)
+            engine.submit(req)
+            return req, c
+
+        solo_req, solo = run(greedy)
+        assert solo_req.done.wait(60)
+        real_choose = sampling.choose
+        calls = {"n": 0}
+
+        def choose(scores, do_sample, generator=None):
+            if generator is not None:  # only the seeded request
+                calls["n"] += 1
+                if calls["n"] >= 3:
+                    raise RuntimeError("probability tensor contains inf")
+            return real_choose(scores, do_sample, generator)
+
+        monkeypatch.setattr(sampling, "choose", choose)
+        (ra, a), (rb, bad), (rc, c) = run(greedy), run(SamplingParams(max_tokens=12, temperature=0.8, seed=1)), \
+            run(greedy)
+        real_prefill = engine_module.prefill
+
+        def prefill(model, ids, *args):
+            if ids.shape[1] == 1:
+                raise RuntimeError("prefill exploded")
+            return real_prefill(model, ids, *args)
+
+        monkeypatch.setattr(engine_module, "prefill", prefill)
+        rd, d = run(greedy, tok.encode("O"))
+        for req in (ra, rb, rc, rd):
+            assert req.done.wait(60)
+        assert a.text() == c.text() == solo.text() and a.reasons() == c.reasons() == ["length"]
+        assert bad.reasons() == ["error"] and "inf" in bad.events[-1].text
+        assert d.reasons() == ["error"] and "prefill exploded" in d.events[-1].text
+        assert engine.idle()
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_every_open_request():
+
+    engine, tok = _engine(max_batch=1)
+    collectors = []
+    for _ in range(3):
+        c = Collector()
+        collectors.append((Request(tok.encode("ROMEO:"), SamplingParams(max_tokens=400, temperature=0), c), c))
+        engine.submit(collectors[-1][0])
+    time.sleep(0.3)
+    engine.shutdown()
+    for req, c in collectors:
+        assert req.done.is_set() and c.reasons() in (["error"], ["length"])
+
+
+def test_kv_cache_is_sized_from_a_memory_budget():
+
+    config = stablelm.StableLmConfig(**{**TINY, "max_position_embeddings": 2**22})
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    context, budget = plan_cache(config, torch.float32, 8, None, 2**30)
+    assert context == 2**30 // (per_token * 8) and budget == 2**30
+    assert plan_cache(config, torch.float32, 8, None, None)[0] * per_token * 8 <= (1 << 62)
+    with pytest.raises(ValueError, match="over the budget"):
+        plan_cache(config, torch.float32, 8, 2**22, 2**20)
+
+
+def run(engine, prompt_ids, params):
+    c = Collector()
+    req = Request(prompt_ids, params, c)
+    engine.submit(req)
+    assert req.done.wait(60)
+    return c
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    engine, tok = _engine(max_batch=4)
+    yield engine, tok
+    engine.shutdown()
+
+
+def test_greedy_equals_generate(demo_engine):
+    engine, tok = demo_engine
+    model = engine.model
+    for prompt in ("ROMEO:", "JULIET:\nO"):
+        ids = tok.encode(prompt)
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, repetition_penalty=1.0)
+        text = run(engine, ids, SamplingParams(max_tokens=20, temperature=0)).text()
+        assert text == tok.decode(expected[0, len(ids):], skip_special_tokens=True)
+
+
+def test_seeded_sampling_repeats_and_n_sequences_differ(demo_engine):
+    engine, tok = demo_engine
+    ids = tok.encode("ROMEO:")
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=7, n=3)
+    first, second = run(engine, ids, params), run(engine, ids, params)
+    by_index = [[e.text for e in c.events if e.index == i] for c in (first, second) for i in range(3)]
+    assert by_index[:3] == by_index[3:]  # the same seed, the same three texts
+    assert len({"".join(t) for t in by_index[:3]}) > 1  # seed + index: the three differ
+
+
+def test_stop_strings_cut_the_text(demo_engine):
+    engine, tok = demo_engine
+    ids = tok.encode("ROMEO:")
+    full = run(engine, ids, SamplingParams(max_tokens=40, temperature=0)).text()
+    stop = full[10:13]
+    cut = run(engine, ids, SamplingParams(max_tokens=40, temperature=0, stop=[stop]))
+    assert cut.text() == full[:full.index(stop)] and cut.reasons() == ["stop"]
+
+
+def test_bad_values_are_refused_at_submit(demo_engine):
+    engine, tok = demo_engine
+    for params, message in ((SamplingParams(temperature=1e-30), "temperature"), (SamplingParams(seed=-1), "seed"),
+                            (SamplingParams(max_tokens=0), "max_tokens"), (SamplingParams(top_p=0.0), "top_p")):
+        with pytest.raises(ValueError, match=message):
+            engine.submit(Request(tok.encode("x"), params, Collector()))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit(Request([10**6], SamplingParams(), Collector()))
