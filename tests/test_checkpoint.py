@@ -207,7 +207,7 @@ def test_heads_load_from_a_causal_lm_checkpoint(tmp_ckpt):
         cls = stablelm.AutoModelForSequenceClassification.from_pretrained(tmp_ckpt, num_labels=3)
     assert cls.score.weight.shape == (3, 32) and cls.score.weight.is_floating_point()
     ours = cls.state_dict()  # the reference's names, also from the fused inference layout
-    assert torch.equal(ours["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(ours["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.gate_up_proj.up_proj.weight)
     assert "score.weight" in ours
     backbone = stablelm.AutoModel.from_pretrained(tmp_ckpt)
     assert torch.equal(backbone.norm.weight, model.model.norm.weight)

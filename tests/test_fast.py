@@ -44,7 +44,7 @@ def test_train_restores_plain_modules_and_learns(ckpt):
     model = stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     before = logits(model, IDS)
     model.train()
-    assert model.inference_kind is None and hasattr(model.model.layers[0].self_attn, "q_proj")
+    assert model.inference_kind is None and hasattr(model.model.layers[0].self_attn.qkv_proj, "q_proj")
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
     for _ in range(3):

@@ -1,12 +1,13 @@
 """Inference layout: fused projections, each in the fastest linear format this machine runs.
 
-`optimize(model)` rewrites a loaded model in place: q/k/v and gate/up become one matmul each, and every
-projection becomes a `stablelm.linear` format module (oneDNN-prepacked, native bf16/fp16, int8 or int4
-weight-only: see `linear.choose_format`). Quantized weights are rounded here, or given by GPTQ (see
-stablelm.quantize). When loading, weights still in the file are read group by group into one staging
-buffer and converted from there. `restore(model)` turns it back into plain nn.Linear modules (training
-needs that). The on-disk format never changes: `reference_state_dict` splits the fused weights back into
-the reference's names.
+`optimize(model)` rewrites a loaded model in place: each projection module the model declares (the fused
+q/k/v and gate/up of stablelm.layers.fused, o_proj, down_proj, lm_head) becomes one linear format module
+with a single matmul (oneDNN-prepacked, native bf16/fp16, int8 or int4 weight-only: see
+`linear.choose_format`). Quantized weights are rounded here, or given by GPTQ (stablelm.layers.gptq).
+When loading, weights still in the file are read group by group into one staging buffer and converted
+from there. `restore(model)` turns it back into plain nn.Linear modules (training needs that). The
+on-disk format never changes: `reference_state_dict` splits the fused weights back into the reference's
+names, by the table in stablelm.layers.fused.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import torch
 from torch import nn
 
 from ..models.meta import skip_init
+from .fused import FUSED, PROJECTIONS, Fused, reference_name
 from .linear import FORMATS, LinearFormat, choose_format, share_workspace, unpack_pairs
 from .rounding import INT4_GROUP_SIZE
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def largest_projection(config) -> int:
@@ -70,7 +70,7 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
         if linears[0].weight.is_meta:
             if fetch is None:
                 raise ValueError(f"{names[id(linears[0])]} has no weight to optimize")
-            weight = fetch([names[id(lin)] + ".weight" for lin in linears], out)
+            weight = fetch([reference_name(names[id(lin)]) + ".weight" for lin in linears], out)
         elif len(linears) > 1:
             weights = [lin.weight.detach() for lin in linears]
             weight = torch.cat(weights, out=out) if out is not None else torch.cat(weights)
@@ -82,13 +82,10 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
         # First: its weight does not fit the staging buffer, and a transient copy costs least while little is packed.
         model.lm_head = fused([model.lm_head])
     for layer in backbone.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        attn.o_proj = fused([attn.o_proj])
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = fused([mlp.gate_proj, mlp.up_proj])
-        mlp.down_proj = fused([mlp.down_proj])
-        del mlp.gate_proj, mlp.up_proj
+        for owner, names_ in ((layer.self_attn, ("qkv_proj", "o_proj")), (layer.mlp, ("gate_up_proj", "down_proj"))):
+            for name in names_:
+                module = getattr(owner, name)
+                setattr(owner, name, fused(list(module.children()) if isinstance(module, Fused) else [module]))
     _mark(model, fmt.name, fmt.quantization)
     return model
 
@@ -119,16 +116,14 @@ def restore(model: nn.Module) -> nn.Module:
         return model
     backbone = model.model if hasattr(model, "model") else model
     for layer in backbone.layers:
-        for owner, fused_name in ((layer.self_attn, "qkv_proj"), (layer.mlp, "gate_up_proj")):
-            module = getattr(owner, fused_name)
-            weights = module.dense_weight().split(module.splits)
-            parts = FUSED[fused_name]
-            biases = module.bias.split(module.splits) if module.bias is not None else [None] * len(parts)
-            for part, w, b in zip(parts, weights, biases):
-                setattr(owner, part, _linear(w, b))
-            delattr(owner, fused_name)
-        layer.self_attn.o_proj = _linear(layer.self_attn.o_proj.dense_weight(), None)
-        layer.mlp.down_proj = _linear(layer.mlp.down_proj.dense_weight(), None)
+        for owner, names_ in ((layer.self_attn, ("qkv_proj", "o_proj")), (layer.mlp, ("gate_up_proj", "down_proj"))):
+            for name in names_:
+                module = getattr(owner, name)
+                weights = module.dense_weight().split(module.splits or [module.out_features])
+                biases = module.bias.split(module.splits or [module.out_features]) if module.bias is not None \
+                    else [None] * len(weights)
+                linears = [_linear(w, b) for w, b in zip(weights, biases)]
+                setattr(owner, name, Fused(**dict(zip(FUSED[name], linears))) if name in FUSED else linears[0])
     if isinstance(getattr(model, "lm_head", None), LinearFormat):
         model.lm_head = _linear(model.lm_head.dense_weight(), None)
     for m in {model, backbone}:
@@ -264,13 +259,16 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
                                                    bias, splits, compute)
 
     for i, layer in enumerate(backbone.layers):
-        base = f"{prefix}layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = build([f"{base}.self_attn.{p}_proj" for p in "qkv"], [attn.q_proj, attn.k_proj, attn.v_proj])
-        attn.o_proj = build([f"{base}.self_attn.o_proj"], [attn.o_proj])
-        mlp.gate_up_proj = build([f"{base}.mlp.gate_proj", f"{base}.mlp.up_proj"], [mlp.gate_proj, mlp.up_proj])
-        mlp.down_proj = build([f"{base}.mlp.down_proj"], [mlp.down_proj])
-        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        for owner, path in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
+            for name, module in list(owner.named_children()):
+                if isinstance(module, Fused):
+                    parts = list(module.named_children())
+                elif isinstance(module, nn.Linear):
+                    parts = [(name, module)]
+                else:
+                    continue
+                setattr(owner, name, build([f"{prefix}layers.{i}.{path}.{part}" for part, _ in parts],
+                                           [linear for _, linear in parts]))
     if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
         model.lm_head = build(["lm_head"], [model.lm_head])
     if tensors:

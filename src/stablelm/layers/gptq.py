@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fast
+from .fused import FUSED, PROJECTIONS
 from .rounding import INT4_GROUP_SIZE, int4_params, int4_round, quantize_int8
 
 # down_proj is the projection int4 hurts most (measured on the demo model, see tests/test_demo.py); as in
@@ -84,13 +85,13 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
     Layer by layer, on that layer's inputs as the already quantized layers before it produce them;
     within a layer q/k/v, o, gate/up and down in turn, so each sees its quantized predecessors.
     """
-    unknown = set(int8_modules) - set(fast.PROJECTIONS)
+    unknown = set(int8_modules) - set(PROJECTIONS)
     if unknown:
-        raise ValueError(f"int8_modules: unknown projection(s) {sorted(unknown)}; expected names among {fast.PROJECTIONS}")
-    for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-        chosen = set(fused) & set(int8_modules)
-        if chosen and chosen != set(fused):
-            raise ValueError(f"int8_modules must name all of the fused {list(fused)} or none, got {sorted(chosen)}")
+        raise ValueError(f"int8_modules: unknown projection(s) {sorted(unknown)}; expected names among {PROJECTIONS}")
+    for parts in FUSED.values():
+        chosen = set(parts) & set(int8_modules)
+        if chosen and chosen != set(parts):
+            raise ValueError(f"int8_modules must name all of the fused {list(parts)} or none, got {sorted(chosen)}")
     fast.restore(model)  # plain nn.Linear modules to hook
     names = {module: name.rpartition(".")[2] for name, module in model.named_modules()}
     backbone = model.model if hasattr(model, "model") else model
@@ -102,7 +103,7 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
     layers = tqdm(backbone.layers, desc="GPTQ", unit="layer", disable=not progress)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+        for group in (list(attn.qkv_proj.children()), [attn.o_proj], list(mlp.gate_up_proj.children()),
                       [mlp.down_proj]):
             if all(names[lin] in int8_modules for lin in group):  # rounded to nearest: needs no activations
                 for linear in group:

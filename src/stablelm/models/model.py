@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .cache import KVCache
+from ..layers.fused import Fused
 from .config import StableLmConfig
 from .pretrained import PreTrainedModel
 
@@ -165,24 +166,20 @@ class StableLmAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
         h, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.use_qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.use_qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.use_qkv_bias)
+        bias = config.use_qkv_bias
+        # One module, one matmul in the inference layout (see stablelm.layers.fused for the names).
+        self.qkv_proj = Fused(q_proj=nn.Linear(h, self.num_heads * d, bias=bias),
+                              k_proj=nn.Linear(h, self.num_kv_heads * d, bias=bias),
+                              v_proj=nn.Linear(h, self.num_kv_heads * d, bias=bias))
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         if config.qk_layernorm:
             self.q_layernorm = PerHeadLayerNorm(d, self.num_heads, config.layer_norm_eps)
             self.k_layernorm = PerHeadLayerNorm(d, self.num_kv_heads, config.layer_norm_eps)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, S, H) -> q (B, S, heads*D), k, v (B, S, kv_heads*D)."""
-        if hasattr(self, "qkv_proj"):  # fused for inference (stablelm.fast)
-            return self.qkv_proj(x)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                 mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.qkv_proj(x)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -199,15 +196,13 @@ class StableLmAttention(nn.Module):
 class StableLmMLP(nn.Module):
     def __init__(self, config: StableLmConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = Fused(gate_proj=nn.Linear(h, inter, bias=False), up_proj=nn.Linear(h, inter, bias=False))
+        self.down_proj = nn.Linear(inter, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):  # fused for inference (stablelm.fast)
-            gate, up = self.gate_up_proj(x)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class StableLmDecoderLayer(nn.Module):

@@ -24,7 +24,7 @@ from ..io.checkpoint import (
     write_checkpoint,
 )
 from ..io.hub import resolve_folder
-from ..layers import fast
+from ..layers import fast, fused
 from .config import StableLmConfig, dtype_from_name
 from .meta import skip_init
 
@@ -41,6 +41,9 @@ class PreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
+        # State dicts in and out use the reference's names (stablelm.layers.fused holds the table).
+        self.register_state_dict_post_hook(PreTrainedModel._reference_names)
+        self.register_load_state_dict_pre_hook(fused.state_dict_from_reference)
 
     # -- conveniences ------------------------------------------------------------------------
     @property
@@ -78,18 +81,16 @@ class PreTrainedModel(nn.Module):
         return super().train(mode)
 
     # -- the reference's names in every layout ----------------------------------------------------
-    def state_dict(self, *args, **kwargs):
-        """The reference's names and tensors in every layout and every calling form (quantized weights as
-        q + scale (+ zero), as saved)."""
+    def _reference_names(self, state_dict, prefix, local_metadata) -> None:
+        """State-dict post-hook: the reference's names and tensors in every layout and every calling form
+        (the inference layout's quantized weights as q + scale (+ zero), as saved)."""
         if not fast.is_optimized(self):
-            return super().state_dict(*args, **kwargs)
-        destination = kwargs.pop("destination", args[0] if args else None)
-        prefix = kwargs.pop("prefix", args[1] if len(args) > 1 else "")
-        state = fast.reference_state_dict(self)
-        out = destination if destination is not None else type(state)()
-        for key, value in state.items():
-            out[prefix + key] = value
-        return out
+            return fused.state_dict_to_reference(self, state_dict, prefix, local_metadata)
+        items = [(k, v) for k, v in state_dict.items() if not k.startswith(prefix)]
+        state_dict.clear()
+        state_dict.update(items)
+        for key, value in fast.reference_state_dict(self).items():
+            state_dict[prefix + key] = value
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load reference-named tensors in every layout: the inference layout is re-laid from them."""
