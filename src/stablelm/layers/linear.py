@@ -220,6 +220,8 @@ class Mkldnn(LinearFormat):
                              persistent=False)
 
     def matmul(self, x):
+        if torch.compiler.is_compiling():  # inductor cannot lower the packed op: torch.compile runs this eagerly
+            raise RuntimeError("oneDNN's packed linear is not compiled")
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
     def dense_weight(self):
