@@ -48,6 +48,8 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
     are still on the meta device (the loader reads them from the file only now, into `out` when given).
     linear_format: force a format by name (see stablelm.linear.FORMATS); by default the fastest that runs.
     """
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise ValueError("the model has LoRA adapters: merge them first (stablelm.training.lora.merge_lora)")
     fmt = _format_class(model, quantization, linear_format)
     if is_optimized(model):
         if model.inference_kind == fmt.name and quantized is None:

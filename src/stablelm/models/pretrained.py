@@ -25,6 +25,7 @@ from ..io.checkpoint import (
 )
 from ..io.hub import resolve_folder
 from ..layers import fast, fused
+from ..training import lora
 from .config import StableLmConfig, dtype_from_name
 from .meta import skip_init
 
@@ -183,7 +184,7 @@ class PreTrainedModel(nn.Module):
                         local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
                         token: str | bool | None = None, torch_dtype=None, device_map=None,
                         quantization: str | None = None, fast_inference: bool = True, linear_format: str | None = None,
-                        **config_overrides):
+                        adapter: str | os.PathLike | None = None, merge_adapter: bool = True, **config_overrides):
         """Load a checkpoint folder or hub id.
 
         dtype: "auto" (the checkpoint's stored dtype), a torch.dtype or its name; None = float32.
@@ -192,6 +193,8 @@ class PreTrainedModel(nn.Module):
         fast_inference: fuse projections and prepack weights for the fastest kernels (undone by .train()).
         linear_format: force a weight format (stablelm.linear.FORMATS, e.g. "dense", "native", "int8-torch");
             by default the fastest one this CPU runs (STABLELM_LINEAR sets it too).
+        adapter: a LoRA adapter folder (ours or PEFT's) to apply; merge_adapter folds it into the weights
+            (then the inference layout applies as usual), else the adapters stay separate (plain layout).
         config_overrides: config fields to change, e.g. num_labels=3 for a fresh classification head.
         """
         if torch_dtype is not None:  # the name transformers 4.x used
@@ -230,7 +233,9 @@ class PreTrainedModel(nn.Module):
         tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
         if tied:
             expected.pop("lm_head.weight")
-        optimize = not saved_kind and (quantization or fast_inference)
+        if adapter is not None and saved_kind:
+            raise ValueError(f"{folder}: an adapter needs the dense checkpoint, not a quantized one")
+        optimize = not saved_kind and (quantization or fast_inference) and adapter is None
         staged = StagedWeights(dtype) if optimize and device == "cpu" else None
         loaded, quantized = model._read_checkpoint(files, is_pickle, expected, dtype, device, saved_kind, staged)
 
@@ -254,6 +259,12 @@ class PreTrainedModel(nn.Module):
             fast.optimize(model, quantization, fetch=staged, linear_format=linear_format)
             if staged is not None and staged.entries:
                 raise ValueError(f"{folder}: tensor(s) not used by the model: {', '.join(sorted(staged.entries)[:5])}")
+        if adapter is not None:
+            lora.load_adapter(model, adapter)
+            if merge_adapter:
+                lora.merge_lora(model)
+                if quantization or fast_inference:
+                    fast.optimize(model, quantization, linear_format=linear_format)
         gen_path = folder / "generation_config.json"
         if gen_path.exists():
             model.generation_config = GenerationConfig.from_json_file(gen_path)

@@ -1,0 +1,211 @@
+"""LoRA adapters (Hu et al., 2021) in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+`add_lora(model, LoraConfig(...))` wraps the chosen projections (by the reference's names: q_proj, ...,
+down_proj) in `LoraLinear`: y = W x + (alpha / r) B A dropout(x), with W frozen, A initialised as PEFT
+does (Kaiming-uniform) and B at zero. `save_adapter` / `load_adapter` write and read the files PEFT
+writes and reads (`peft.PeftModel.from_pretrained(transformers_model, dir)` loads ours, and the other
+way round); `merge_lora` folds the adapters into the weights, after which `save_pretrained` writes a
+plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..layers import fast
+from ..layers.fused import PROJECTIONS, reference_name
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TASK_TYPES = {"StableLmForCausalLM": "CAUSAL_LM", "StableLmForSequenceClassification": "SEQ_CLS",
+              "StableLmForTokenClassification": "TOKEN_CLS", "StableLmModel": "FEATURE_EXTRACTION"}
+
+
+@dataclass
+class LoraConfig:
+    """r: rank; lora_alpha: the update is scaled by lora_alpha / r (or / sqrt(r) with use_rslora);
+    target_modules: projection names (the reference's) that get an adapter."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False
+    extra: dict = field(default_factory=dict, repr=False)  # PEFT keys kept as they were read
+
+    def __post_init__(self):
+        self.target_modules = (self.target_modules,) if isinstance(self.target_modules, str) \
+            else tuple(self.target_modules)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        unknown = [m for m in self.target_modules if m not in PROJECTIONS]
+        if not self.target_modules or unknown:
+            raise ValueError(f"target_modules {list(self.target_modules)}: expected names among {list(PROJECTIONS)}"
+                             + (f"; unknown: {unknown}" if unknown else ""))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_peft(self, task_type: str, base: str | None) -> dict:
+        return {**self.extra, "peft_type": "LORA", "task_type": task_type, "r": self.r, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout, "target_modules": sorted(self.target_modules), "bias": "none",
+                "use_rslora": self.use_rslora, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+                "base_model_name_or_path": base, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+                "layers_to_transform": None, "init_lora_weights": True}
+
+    @classmethod
+    def from_peft(cls, data: dict, source: str) -> LoraConfig:
+        """From an adapter_config.json; what this implementation does not do is refused, naming the key."""
+        if data.get("peft_type") != "LORA":
+            raise ValueError(f"{source}: peft_type {data.get('peft_type')!r} is not LORA")
+        refused = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
+                   "layers_to_transform": None, "modules_to_save": None, "lora_bias": False}
+        for key, plain in refused.items():
+            if data.get(key, plain) not in (plain, None, {}, False):
+                raise ValueError(f"{source}: {key}={data[key]!r} is not supported (only plain LoRA on projections)")
+        targets = data.get("target_modules")
+        if isinstance(targets, str):
+            raise ValueError(f"{source}: target_modules as a regular expression ({targets!r}) is not supported")
+        known = {k for k in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
+        return cls(**{k: data[k] for k in known if k in data}, target_modules=tuple(targets or DEFAULT_TARGETS),
+                   extra={k: v for k, v in data.items() if k not in known | {"target_modules"}})
+
+
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear (`base_layer`, PEFT's name) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, config: LoraConfig):
+        super().__init__()
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, config.r, bias=False, **factory)
+        self.lora_B = nn.Linear(config.r, base.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT's init_lora_weights=True
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.scaling = config.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded in (computed in fp32)."""
+        base = self.base_layer
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+        return base
+
+
+def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, nn.Linear) of every projection `config` names."""
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if child_name in config.target_modules and isinstance(child, nn.Linear):
+                found.append((module, child_name, child))
+    if not found:
+        raise ValueError(f"no module of {type(model).__name__} is named {list(config.target_modules)}")
+    return found
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Freeze the model and wrap the target projections in LoraLinear (in place); returns the model.
+
+    An inference layout is turned back into plain modules first (as model.train() does)."""
+    if fast.is_optimized(model):
+        fast.restore(model)
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters: merge_lora(model) first, or load a fresh model")
+    targets = _targets(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, name, linear in targets:
+        setattr(parent, name, LoraLinear(linear, config))
+    model.lora_config = config
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's saved names: base_model.model.<reference path>.lora_A.weight."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            path = reference_name(name)
+            state[f"base_model.model.{path}.lora_A.weight"] = module.lora_A.weight.detach()
+            state[f"base_model.model.{path}.lora_B.weight"] = module.lora_B.weight.detach()
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write adapter_config.json and adapter_model.safetensors as PEFT does."""
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("the model has no LoRA adapters (add_lora or load_adapter first)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    base = getattr(model, "name_or_path", None)
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(
+        json.dumps(config.to_peft(TASK_TYPES.get(type(model).__name__, "CAUSAL_LM"), base), indent=2, sort_keys=True)
+        + "\n")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Add the adapters saved in `directory` (by us or by PEFT) to `model`; returns the model."""
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: no {name} (a LoRA adapter folder has both)")
+    try:
+        data = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    config = LoraConfig.from_peft(data, str(directory / ADAPTER_CONFIG))
+    add_lora(model, config)
+    saved = load_file(directory / ADAPTER_WEIGHTS)
+    expected = lora_state_dict(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: does not fit this model: "
+                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:2]})")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if saved[key].shape != target.shape:
+                raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {key} has shape {tuple(saved[key].shape)}, "
+                                 f"the model needs {tuple(target.shape)}")
+            target.copy_(saved[key])
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its projection's weight and drop the adapters (in place); returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLinear):
+                setattr(parent, name, child.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
