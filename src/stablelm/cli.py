@@ -115,6 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16 autocast or fp32; auto: bf16 where the CPU multiplies bf16 natively "
                             "(AVX512-BF16, AMX), else fp32")
 
+    tune = sub.add_parser("finetune", help="fine-tune a model (LoRA or full) for text, classification or tagging",
+                          description="Fine-tune a checkpoint on JSONL/CSV data and write the LoRA adapter (PEFT's "
+                                      "format) or the full checkpoint, the tokenizer, metrics.json and loss.png to "
+                                      f"--out. Records: causal-lm {{text}} or {{messages}} (loss on the assistant "
+                                      "turns); sequence-classification {text, label}; token-classification "
+                                      f"{{tokens, labels}}. Model: {DEMO_NOTE}.")
+    tune.add_argument("data", help="training data: a .jsonl or .csv file")
+    tune.add_argument("--task", choices=["causal-lm", "sequence-classification", "token-classification"],
+                      default="causal-lm", help="what to train for (default causal-lm)")
+    tune.add_argument("--model", "-m", help=f"checkpoint folder or hub id ({DEMO_NOTE})")
+    tune.add_argument("--eval-data", help="held-out data (default: --eval-fraction of the training data)")
+    tune.add_argument("--out", default="runs/finetune", help="folder to write (resumes an interrupted run there)")
+    tune.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA adapters or all weights")
+    tune.add_argument("--lora-r", type=_int_at_least(1), default=8, help="LoRA rank (default 8)")
+    tune.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA scale numerator (default 16)")
+    tune.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    tune.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                      help="comma-separated projections that get adapters (default q_proj,k_proj,v_proj,o_proj)")
+    tune.add_argument("--labels", help="comma-separated class names, in index order (default: those in the data)")
+    tune.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (default 1)")
+    tune.add_argument("--max-steps", type=_int_at_least(1), default=None, help="stop after this many steps")
+    tune.add_argument("--batch-size", type=_int_at_least(1), default=8, help="examples per micro-batch (default 8)")
+    tune.add_argument("--grad-accum", type=_int_at_least(1), default=1, help="micro-batches per step (default 1)")
+    tune.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 2e-4 LoRA, 5e-5 full)")
+    tune.add_argument("--max-length", type=_int_at_least(2), default=256, help="tokens per example (default 256)")
+    tune.add_argument("--eval-fraction", type=float, default=0.1, help="held out when no --eval-data (default 0.1)")
+    tune.add_argument("--seed", type=int, default=0, help="data order and initialisation")
+    tune.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                      help="bf16 autocast where the CPU multiplies bf16 natively (auto), or as given")
+    tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                            description=f"Serve /v1/completions and /v1/chat/completions. Model: {DEMO_NOTE}.")
     _add_model_options(serve)
@@ -177,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "finetune":
+            return _finetune(args)
         if args.command == "quantize":
             return _quantize(args)
         if args.command == "bench":
@@ -194,6 +227,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stablelm {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _finetune(args) -> int:
+    from .training.finetune import FinetuneOptions, finetune
+
+    opts = FinetuneOptions(
+        task=args.task, model=args.model, out=args.out, method=args.method, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        max_length=args.max_length, eval_fraction=args.eval_fraction, seed=args.seed, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing)
+    result = finetune(opts, args.data, args.eval_data)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items() if k != "options"}
+    print(f"wrote {result.out} {shown}")
     return 0
 
 

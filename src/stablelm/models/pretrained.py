@@ -209,6 +209,8 @@ class PreTrainedModel(nn.Module):
             if not config_path.exists():
                 raise FileNotFoundError(f"{folder}: no config.json")
             config = StableLmConfig.from_json_file(config_path)
+        if adapter is not None and "score.weight" in cls.head_keys and "num_labels" not in config_overrides:
+            config_overrides["num_labels"] = lora.adapter_num_labels(adapter)  # the head saved with the adapter
         if config_overrides:
             num_labels = config_overrides.pop("num_labels", None)
             config = config.replace(**config_overrides)

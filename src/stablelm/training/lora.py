@@ -40,6 +40,9 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False
+    # Whole modules trained and saved with the adapter: a classification head starts random, so PEFT
+    # keeps `score` (its name here and in transformers) trainable for SEQ_CLS / TOKEN_CLS.
+    modules_to_save: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict, repr=False)  # PEFT keys kept as they were read
 
     def __post_init__(self):
@@ -51,6 +54,11 @@ class LoraConfig:
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.modules_to_save is not None:
+            self.modules_to_save = tuple(self.modules_to_save)
+            if not set(self.modules_to_save) <= {"classifier", "score"}:
+                raise ValueError(f"modules_to_save {list(self.modules_to_save)}: only the classification head "
+                                 "('score', PEFT also lists 'classifier') can be saved with an adapter")
         unknown = [m for m in self.target_modules if m not in PROJECTIONS]
         if not self.target_modules or unknown:
             raise ValueError(f"target_modules {list(self.target_modules)}: expected names among {list(PROJECTIONS)}"
@@ -63,7 +71,8 @@ class LoraConfig:
     def to_peft(self, task_type: str, base: str | None) -> dict:
         return {**self.extra, "peft_type": "LORA", "task_type": task_type, "r": self.r, "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout, "target_modules": sorted(self.target_modules), "bias": "none",
-                "use_rslora": self.use_rslora, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+                "use_rslora": self.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+                "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
                 "base_model_name_or_path": base, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
                 "layers_to_transform": None, "init_lora_weights": True}
 
@@ -73,14 +82,14 @@ class LoraConfig:
         if data.get("peft_type") != "LORA":
             raise ValueError(f"{source}: peft_type {data.get('peft_type')!r} is not LORA")
         refused = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-                   "layers_to_transform": None, "modules_to_save": None, "lora_bias": False}
+                   "layers_to_transform": None, "lora_bias": False}
         for key, plain in refused.items():
             if data.get(key, plain) not in (plain, None, {}, False):
                 raise ValueError(f"{source}: {key}={data[key]!r} is not supported (only plain LoRA on projections)")
         targets = data.get("target_modules")
         if isinstance(targets, str):
             raise ValueError(f"{source}: target_modules as a regular expression ({targets!r}) is not supported")
-        known = {k for k in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
+        known = {k for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save")}
         return cls(**{k: data[k] for k in known if k in data}, target_modules=tuple(targets or DEFAULT_TARGETS),
                    extra={k: v for k, v in data.items() if k not in known | {"target_modules"}})
 
@@ -135,12 +144,23 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters: merge_lora(model) first, or load a fresh model")
     targets = _targets(model, config)
+    if config.modules_to_save is None and hasattr(model, "score"):  # PEFT's default for SEQ_CLS / TOKEN_CLS
+        config.modules_to_save = ("classifier", "score")
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, name, linear in targets:
         setattr(parent, name, LoraLinear(linear, config))
+    for module in _saved_modules(model, config).values():
+        for p in module.parameters():
+            p.requires_grad_(True)
     model.lora_config = config
     return model
+
+
+def _saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """The top-level modules that `config.modules_to_save` names and the model has (its head)."""
+    return {name: getattr(model, name) for name in config.modules_to_save or () if isinstance(getattr(model, name, None),
+                                                                                              nn.Module)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,6 +171,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             path = reference_name(name)
             state[f"base_model.model.{path}.lora_A.weight"] = module.lora_A.weight.detach()
             state[f"base_model.model.{path}.lora_B.weight"] = module.lora_B.weight.detach()
+    config = getattr(model, "lora_config", None)
+    for name, module in (_saved_modules(model, config) if config else {}).items():
+        for pname, p in module.named_parameters():
+            state[f"base_model.model.{name}.{pname}"] = p.detach()
     return state
 
 
@@ -196,6 +220,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                                  f"the model needs {tuple(target.shape)}")
             target.copy_(saved[key])
     return model
+
+
+def adapter_num_labels(directory: str | os.PathLike) -> int | None:
+    """Rows of the classification head saved with an adapter (PEFT's modules_to_save), or None."""
+    from ..io.checkpoint import safetensors_header
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS} (a LoRA adapter folder has it)")
+    info = safetensors_header(path).get("base_model.model.score.weight")
+    return info["shape"][0] if isinstance(info, dict) else None
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
