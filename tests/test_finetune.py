@@ -168,3 +168,33 @@ def test_an_interrupted_run_resumes(base, tmp_path, monkeypatch):
     result = ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2), records)
     assert [s for s, _ in result.history["train"]] == [1, 2, 3, 4, 5, 6]  # steps 5-6 continued from 4
     assert not (tmp_path / "out" / "finetune_state.pt").exists()
+
+
+def test_lora_over_an_int8_base(base, tmp_path):
+    """The frozen projections are int8 buffers; the adapters' gradients equal those of a model whose base
+    holds the same (dequantized) weights in fp32; training runs through the CLI's option too."""
+    model = stablelm.AutoModelForCausalLM.from_pretrained(base, fast_inference=False)
+    reference = stablelm.AutoModelForCausalLM.from_pretrained(base, fast_inference=False)
+    config = lora.LoraConfig(r=4, lora_alpha=8)
+    lora.add_lora(model, config, int8_base=True)
+    int8 = [m for m in model.modules() if isinstance(m, lora.FrozenInt8Linear)]
+    assert len(int8) == 7 * model.config.num_hidden_layers and all(m.q.dtype == torch.int8 for m in int8)
+    with torch.no_grad():  # the reference's projections hold exactly the int8 values
+        for name, module in model.named_modules():
+            if isinstance(module, lora.FrozenInt8Linear):
+                reference.get_submodule(name.removesuffix(".base_layer")).weight.copy_(module.dequantized())
+    lora.add_lora(reference, config)
+    with torch.no_grad():
+        ref_params = dict(reference.named_parameters())
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.01)  # B starts at zero: nudge it so the gradients reach A too
+                ref_params[n].copy_(p)
+    ids = torch.tensor([[5, 9, 11, 4, 7, 8]])
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad and "lora_" in n}
+    assert grads.keys() == ref_grads.keys() and all(torch.allclose(grads[n], ref_grads[n], atol=1e-6) for n in grads)
+    result = ft.finetune(_opts(base, tmp_path, int8_base=True, max_steps=6), [{"text": t} for t in TEXTS] * 8)
+    assert result.history["train"][-1][1] < result.history["train"][0][1]

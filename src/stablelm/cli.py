@@ -58,6 +58,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (ours or PEFT's), merged at load")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
     tune.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
                       help="comma-separated projections that get adapters (default q_proj,k_proj,v_proj,o_proj)")
+    tune.add_argument("--int8-base", action="store_true",
+                      help="LoRA over int8 frozen projections (a quarter of the base's fp32 memory)")
     tune.add_argument("--labels", help="comma-separated class names, in index order (default: those in the data)")
     tune.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (default 1)")
     tune.add_argument("--max-steps", type=_int_at_least(1), default=None, help="stop after this many steps")
@@ -236,7 +239,7 @@ def _finetune(args) -> int:
     opts = FinetuneOptions(
         task=args.task, model=args.model, out=args.out, method=args.method, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), int8_base=args.int8_base,
         labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         max_length=args.max_length, eval_fraction=args.eval_fraction, seed=args.seed, precision=args.precision,
@@ -259,7 +262,7 @@ def _serve(args) -> int:
           dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, model_name=args.model_name or (args.model or "stablelm-demo"),
           kv_cache_memory=args.kv_cache_memory, request_timeout=args.request_timeout,
-          allowed_host=args.allowed_host, max_connections=args.max_connections)
+          allowed_host=args.allowed_host, max_connections=args.max_connections, adapter=args.adapter)
     return 0
 
 
@@ -272,7 +275,8 @@ def _load(args):
     if args.model is None and not (demo_model_path() / "config.json").exists():
         raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
     torch.set_grad_enabled(False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device, revision=args.revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device, revision=args.revision,
+                                                 adapter=args.adapter)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     return model, tokenizer
 
@@ -379,7 +383,7 @@ def _quantize(args) -> int:
             raise CliError(f"--calibration {args.calibration}: cannot read it as UTF-8 text ({e})") from None
         windows = calibration_windows(tokenizer(text).input_ids, args.samples, args.seq_len, args.seed)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, revision=args.revision,
-                                                     fast_inference=False)
+                                                     fast_inference=False, adapter=args.adapter)
         modules = tuple(name.strip() for name in args.int8_modules.split(",") if name.strip())
         with torch.no_grad():
             gptq_quantize(model, windows, int8_modules=modules)
@@ -387,7 +391,8 @@ def _quantize(args) -> int:
         if args.calibration:
             raise CliError("--calibration is for --bits 4 (GPTQ); int8 rounds to nearest")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, revision=args.revision,
-                                                     quantization="int8" if args.bits == 8 else "int4")
+                                                     quantization="int8" if args.bits == 8 else "int4",
+                                                     adapter=args.adapter)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     print(f"wrote {args.out} ({model.quantization}"

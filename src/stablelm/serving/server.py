@@ -582,7 +582,7 @@ def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
           model_name: str | None = None, kv_cache_memory: int | None = None, request_timeout: float = 10.0,
-          allowed_host: list[str] | None = None, max_connections: int = 256) -> None:
+          allowed_host: list[str] | None = None, max_connections: int = 256, adapter: str | None = None) -> None:
     """Load the model and run the server until interrupted (SIGINT / SIGTERM)."""
     import socket
 
@@ -602,7 +602,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}"
                       f"{' (another server is using the port? pick one with --port)' if e.errno == 98 else ''}") \
             from None
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization, adapter=adapter)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     allowed_hosts=allowed_hosts(host, allowed_host))

@@ -44,6 +44,7 @@ class FinetuneOptions:
     lora_alpha: float = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    int8_base: bool = False  # LoRA over int8 frozen projections (a quarter of the base's fp32 memory)
     labels: list[str] | None = None  # class names (classification); default: those in the training data
     epochs: float = 1.0
     max_steps: int | None = None
@@ -224,8 +225,10 @@ def finetune(opts: FinetuneOptions, train_data, eval_data=None) -> Result:
     model = TASKS[opts.task].from_pretrained(source, fast_inference=False, dtype=torch.float32, **extra)
     if names is not None:
         model.config.id2label = dict(enumerate(names))
+    if opts.int8_base and lora_config is None:
+        raise ValueError("int8_base freezes the base weights: it needs method='lora'")
     if lora_config is not None:
-        lora.add_lora(model, lora_config)
+        lora.add_lora(model, lora_config, int8_base=opts.int8_base)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()

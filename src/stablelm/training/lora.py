@@ -94,16 +94,45 @@ class LoraConfig:
                    extra={k: v for k, v in data.items() if k not in known | {"target_modules"}})
 
 
+class FrozenInt8Linear(nn.Module):
+    """A frozen projection stored as int8 per output row (a quarter of fp32's bytes): gradients flow to its
+    input, never to its weight (QLoRA's idea, with stablelm's int8 rounding)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from ..layers.rounding import quantize_int8
+
+        q, scale = quantize_int8(linear.weight.detach())
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.to(dtype) * self.scale.to(dtype)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantized())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
 class LoraLinear(nn.Module):
     """A frozen nn.Linear (`base_layer`, PEFT's name) plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, config: LoraConfig):
+    def __init__(self, base: nn.Module, config: LoraConfig):
         super().__init__()
         self.base_layer = base
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        for p in base.parameters():
+            p.requires_grad_(False)
+        weight = base.weight if isinstance(base, nn.Linear) else base.scale
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         self.lora_A = nn.Linear(base.in_features, config.r, bias=False, **factory)
         self.lora_B = nn.Linear(config.r, base.out_features, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT's init_lora_weights=True
@@ -117,7 +146,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The base layer with the update folded in (computed in fp32)."""
-        base = self.base_layer
+        base = self.base_layer.to_linear() if isinstance(self.base_layer, FrozenInt8Linear) else self.base_layer
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         return base
@@ -135,10 +164,12 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str,
     return found
 
 
-def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+def add_lora(model: nn.Module, config: LoraConfig, int8_base: bool = False) -> nn.Module:
     """Freeze the model and wrap the target projections in LoraLinear (in place); returns the model.
 
-    An inference layout is turned back into plain modules first (as model.train() does)."""
+    int8_base: store every frozen projection (targets and the others; not the embeddings or the head) as
+    int8, so the base costs a quarter of fp32's memory. An inference layout is turned back into plain
+    modules first (as model.train() does)."""
     if fast.is_optimized(model):
         fast.restore(model)
     if any(isinstance(m, LoraLinear) for m in model.modules()):
@@ -148,6 +179,12 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         config.modules_to_save = ("classifier", "score")
     for p in model.parameters():
         p.requires_grad_(False)
+    if int8_base:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if name in PROJECTIONS and isinstance(child, nn.Linear):
+                    setattr(parent, name, FrozenInt8Linear(child))
+        targets = [(parent, name, getattr(parent, name)) for parent, name, _ in targets]
     for parent, name, linear in targets:
         setattr(parent, name, LoraLinear(linear, config))
     for module in _saved_modules(model, config).values():
@@ -234,11 +271,14 @@ def adapter_num_labels(directory: str | os.PathLike) -> int | None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its projection's weight and drop the adapters (in place); returns the model."""
+    """Fold every adapter into its projection's weight and drop the adapters (in place); returns the model.
+    An int8 base comes back as plain (dequantized) weights."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoraLinear):
                 setattr(parent, name, child.merged())
+            elif isinstance(child, FrozenInt8Linear):
+                setattr(parent, name, child.to_linear())
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "lora_config"):
