@@ -198,3 +198,24 @@ def test_lora_over_an_int8_base(base, tmp_path):
     assert grads.keys() == ref_grads.keys() and all(torch.allclose(grads[n], ref_grads[n], atol=1e-6) for n in grads)
     result = ft.finetune(_opts(base, tmp_path, int8_base=True, max_steps=6), [{"text": t} for t in TEXTS] * 8)
     assert result.history["train"][-1][1] < result.history["train"][0][1]
+
+
+def test_csv_data_gradient_accumulation_and_the_merge_command(base, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f'"{t}",{["hamlet", "sea"][i % 2]}\n' for i, t in enumerate(TEXTS * 6)))
+    result = ft.finetune(_opts(base, tmp_path, task="sequence-classification", max_steps=4, grad_accum=2), data)
+    assert result.metrics["steps"] == 4 and result.metrics["train_examples"] == 11
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "merge", str(tmp_path / "out"), str(merged),
+                           "--model", str(base), "--task", "sequence-classification"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.StableLmForSequenceClassification.from_pretrained(merged).eval()
+    ours = stablelm.AutoModelForSequenceClassification.from_pretrained(base, adapter=tmp_path / "out")
+    ids = torch.tensor([[5, 9, 11, 4]])
+    with torch.no_grad():
+        assert (reference(ids).logits - ours(ids).logits).abs().max() < 1e-5

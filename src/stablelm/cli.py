@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bf16 autocast where the CPU multiplies bf16 natively (auto), or as given")
     tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
 
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and write a plain checkpoint",
+                           description="Load --model with the LoRA adapter ADAPTER (ours or PEFT's), fold the "
+                                       "adapter into the weights and write a plain checkpoint (and the tokenizer) "
+                                       f"that transformers loads. Model: {DEMO_NOTE}.")
+    merge.add_argument("adapter", help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("out", help="folder to write")
+    merge.add_argument("--model", "-m", help=f"the base checkpoint the adapter was trained on ({DEMO_NOTE})")
+    merge.add_argument("--task", choices=["causal-lm", "sequence-classification", "token-classification"],
+                       default="causal-lm", help="the model's head (default causal-lm)")
+
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                            description=f"Serve /v1/completions and /v1/chat/completions. Model: {DEMO_NOTE}.")
     _add_model_options(serve)
@@ -213,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "finetune":
             return _finetune(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "quantize":
             return _quantize(args)
         if args.command == "bench":
@@ -247,6 +259,18 @@ def _finetune(args) -> int:
     result = finetune(opts, args.data, args.eval_data)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items() if k != "options"}
     print(f"wrote {result.out} {shown}")
+    return 0
+
+
+def _merge(args) -> int:
+    from .auto import AutoTokenizer
+    from .training.finetune import TASKS
+
+    base = args.model or demo_model_path()
+    model = TASKS[args.task].from_pretrained(base, adapter=args.adapter, fast_inference=False)
+    model.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(args.out)
+    print(f"wrote {args.out} ({args.task}, {args.adapter} merged into {base})")
     return 0
 
 
