@@ -111,3 +111,12 @@ def test_adapter_for_another_shape_is_refused(pair, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="has shape"):
         stablelm.StableLmForCausalLM.from_pretrained(tmp_path / "other", adapter=tmp / "peft_adapter")
+
+
+def test_save_pretrained_with_unmerged_adapters_names_the_fix(pair):
+    _, tmp = pair
+    model = stablelm.StableLmForCausalLM.from_pretrained(tmp / "base", adapter=tmp / "peft_adapter",
+                                                        merge_adapter=False)
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.save_pretrained(tmp / "x")
+    assert not (tmp / "x" / "model.safetensors").exists()

@@ -336,6 +336,9 @@ class PreTrainedModel(nn.Module):
         """Write config.json, generation_config.json and safetensors shards that transformers loads."""
         if not safe_serialization:
             raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
+        if getattr(self, "lora_config", None) is not None:
+            raise ValueError("the model has LoRA adapters: save them with stablelm.training.lora.save_adapter, or "
+                             "fold them in with merge_lora(model) before save_pretrained")
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
