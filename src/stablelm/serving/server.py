@@ -113,7 +113,7 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 class Service:
     """What the routes share: the engine, the tokenizer, the metrics and the limits."""
 
-    def __init__(self, model, tokenizer, model_name: str, api_key: str | None, limits: Limits, engine: Engine):
+    def __init__(self, tokenizer, model_name: str, api_key: str | None, limits: Limits, engine: Engine):
         from .metrics import Metrics
 
         self.tokenizer, self.model_name, self.api_key, self.limits = tokenizer, model_name, api_key, limits
@@ -130,7 +130,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                     kv_cache_memory=kv_cache_memory)
-    service = Service(model, tokenizer, model_name, api_key, limits or Limits(), engine)
+    service = Service(tokenizer, model_name, api_key, limits or Limits(), engine)
 
     @asynccontextmanager
     async def lifespan(app):
