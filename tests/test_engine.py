@@ -161,3 +161,44 @@ def test_bad_values_are_refused_at_submit(demo_engine):
             engine.submit(Request(tok.encode("x"), params, Collector()))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit(Request([10**6], SamplingParams(), Collector()))
+
+
+def test_prefix_reuse_gives_the_same_tokens_as_a_full_prefill():
+    """A multi-turn chat: each turn's prompt is the previous prompt, its reply and a new line. With the prefix
+    cache the engine prefills only the new part, and the greedy replies are those without it."""
+    with_reuse, tok = _engine(max_batch=2)
+    without, _ = _engine(max_batch=2, prefix_cache_memory=0)
+    try:
+        replies = {}
+        for engine in (with_reuse, without):
+            history = tok.encode("ROMEO:\nWhat light through yonder window breaks?\n\nJULIET:\n")
+            texts = []
+            for turn in range(4):
+                c = run(engine, history, SamplingParams(max_tokens=12, temperature=0))
+                texts.append(c.text())
+                history = history + tok.encode(c.text()) + tok.encode(f"\n\nROMEO:\nAnd {turn}\n\nJULIET:\n")
+            replies[engine is with_reuse] = texts
+        assert replies[True] == replies[False]
+        cache = with_reuse.prefix
+        assert cache.hits >= 3 and cache.tokens_reused > 3 * 16 and without.prefix is None
+        assert 0 < cache.bytes <= cache.max_bytes
+    finally:
+        with_reuse.shutdown()
+        without.shutdown()
+
+
+def test_prefix_cache_evicts_the_least_recently_used():
+    from stablelm.serving.prefix_cache import PrefixCache
+
+    model = stablelm.StableLmForCausalLM.from_config(stablelm.StableLmConfig(**TINY), seed=0)
+    source = stablelm.KVCache.for_model(model, 1, 40)
+    with torch.no_grad():
+        model(torch.arange(3, 43)[None], past_key_values=source)
+    one = sum(k[0, :, :20].numel() * 4 * 2 for k in source.keys)
+    cache = PrefixCache(max_bytes=2 * one)
+    for first in (3, 4, 5):
+        source.lengths[0] = 20
+        cache.store([first] + list(range(4, 23)), source, 0)
+    assert len(cache.entries) == 2 and cache.bytes == 2 * one
+    assert cache.longest([3] + list(range(4, 30)))[0] == 0  # evicted
+    assert cache.longest([5] + list(range(4, 30)))[0] == 20

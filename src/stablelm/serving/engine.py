@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..generation import sampling
 from ..generation.generate import decode_step, prefill
 from ..generation.streaming import IncrementalText, StopScanner
+from .prefix_cache import PrefixCache
 from ..models.cache import KVCache
 
 log = logging.getLogger("stablelm.engine")
@@ -123,13 +124,16 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 kv_cache_memory: int | None = None):
+                 kv_cache_memory: int | None = None, prefix_cache_memory: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size
         self.context, self.kv_cache_memory = plan_cache(model.config, model.dtype, max_batch, max_context,
                                                         kv_cache_memory)
         self.cache = KVCache.for_model(model, max_batch, self.context)
+        # Finished sequences' keys/values for requests that repeat their start (default: a quarter of the budget).
+        prefix_bytes = self.kv_cache_memory // 4 if prefix_cache_memory is None else prefix_cache_memory
+        self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
         self.eos = set(model.config.eos_token_ids) | set(
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.no_eos = torch.empty(0, dtype=torch.long)
@@ -228,8 +232,17 @@ class Engine:
 
     def _start(self, request: Request) -> None:
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
-        scratch = KVCache.for_model(self.model, 1, ids.shape[1])
-        logits = prefill(self.model, ids, torch.ones_like(ids), scratch)[0]
+        reused, entry = self.prefix.longest(request.prompt_ids) if self.prefix else (0, None)
+        if entry is None:
+            scratch = KVCache.for_model(self.model, 1, ids.shape[1])
+            logits = prefill(self.model, ids, torch.ones_like(ids), scratch)[0]
+        else:  # the first `reused` tokens' keys/values from an earlier sequence: prefill only the rest
+            scratch = KVCache.for_model(self.model, 1, max(ids.shape[1], entry.capacity))
+            scratch.copy_row(0, entry, 0)
+            scratch.lengths[0] = reused
+            scratch.valid[0, reused:] = False
+            with torch.inference_mode():
+                logits = self.model(ids[:, reused:], past_key_values=scratch, logits_to_keep=1).logits[0, -1].float()
         for index in range(request.params.n):
             row = len(self.active)
             self.cache.copy_row(row, scratch, 0)
@@ -306,6 +319,9 @@ class Engine:
         """Leave the batch now: free the row by moving the last active row into it."""
         if seq not in self.active:
             return
+        if self.prefix is not None and reason in ("stop", "length"):
+            held = self.cache.lengths[seq.row]  # the last sampled token was never fed
+            self.prefix.store((seq.request.prompt_ids + seq.tokens)[:held], self.cache, seq.row)
         last = self.active[-1]
         if last is not seq:
             self.cache.copy_row(seq.row, self.cache, last.row)
