@@ -6,8 +6,8 @@ with a single matmul (oneDNN-prepacked, native bf16/fp16, int8 or int4 weight-on
 `linear.choose_format`). Quantized weights are rounded here, or given by GPTQ (stablelm.layers.gptq).
 When loading, weights still in the file are read group by group into one staging buffer and converted
 from there. `restore(model)` turns it back into plain nn.Linear modules (training needs that). The
-on-disk format never changes: `reference_state_dict` splits the fused weights back into the reference's
-names, by the table in stablelm.layers.fused.
+on-disk format never changes: `format_tensors` splits the fused weights back into the reference's names,
+by the table in stablelm.layers.fused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..models.meta import skip_init
-from .fused import FUSED, PROJECTIONS, Fused, reference_name
+from .fused import FUSED, PROJECTIONS, Fused, layer_projections, parts, reference_name
 from .linear import FORMATS, LinearFormat, choose_format, share_workspace, unpack_pairs
 from .rounding import INT4_GROUP_SIZE
 
@@ -84,10 +84,8 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
         # First: its weight does not fit the staging buffer, and a transient copy costs least while little is packed.
         model.lm_head = fused([model.lm_head])
     for layer in backbone.layers:
-        for owner, names_ in ((layer.self_attn, ("qkv_proj", "o_proj")), (layer.mlp, ("gate_up_proj", "down_proj"))):
-            for name in names_:
-                module = getattr(owner, name)
-                setattr(owner, name, fused(list(module.children()) if isinstance(module, Fused) else [module]))
+        for owner, _, name in layer_projections(layer):
+            setattr(owner, name, fused([linear for _, linear in parts(name, getattr(owner, name))]))
     _mark(model, fmt.name, fmt.quantization)
     return model
 
@@ -118,14 +116,13 @@ def restore(model: nn.Module) -> nn.Module:
         return model
     backbone = model.model if hasattr(model, "model") else model
     for layer in backbone.layers:
-        for owner, names_ in ((layer.self_attn, ("qkv_proj", "o_proj")), (layer.mlp, ("gate_up_proj", "down_proj"))):
-            for name in names_:
-                module = getattr(owner, name)
-                weights = module.dense_weight().split(module.splits or [module.out_features])
-                biases = module.bias.split(module.splits or [module.out_features]) if module.bias is not None \
-                    else [None] * len(weights)
-                linears = [_linear(w, b) for w, b in zip(weights, biases)]
-                setattr(owner, name, Fused(**dict(zip(FUSED[name], linears))) if name in FUSED else linears[0])
+        for owner, _, name in layer_projections(layer):
+            module = getattr(owner, name)
+            weights = module.dense_weight().split(module.splits or [module.out_features])
+            biases = module.bias.split(module.splits or [module.out_features]) if module.bias is not None \
+                else [None] * len(weights)
+            linears = [_linear(w, b) for w, b in zip(weights, biases)]
+            setattr(owner, name, Fused(**dict(zip(FUSED[name], linears))) if name in FUSED else linears[0])
     if isinstance(getattr(model, "lm_head", None), LinearFormat):
         model.lm_head = _linear(model.lm_head.dense_weight(), None)
     for m in {model, backbone}:
@@ -143,20 +140,19 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 # -- saving --------------------------------------------------------------------------------------
-def reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict under the reference's names; quantized weights as q + scale (+ zero) tensors."""
-    state = {}
+def format_tensors(model: nn.Module, present=lambda key: False):
+    """(reference key, tensor) for what every linear format module of `model` stores, split back into the
+    reference's projections (quantized weights as q + scale (+ zero)). A module whose first key `present`
+    reports is skipped: a nested model's state-dict hook wrote it already."""
     for name, module in model.named_modules():
         if isinstance(module, LinearFormat):
             prefix, _, leaf = name.rpartition(".")
             names = [f"{prefix}.{p}" if prefix else p for p in FUSED.get(leaf, (leaf,))]
+            if present(f"{names[0]}.weight"):
+                continue
             for part, tensors in zip(names, _split_tensors(module)):
                 for suffix, tensor in tensors.items():
-                    state[f"{part}.{suffix}"] = tensor
-        else:
-            for pname, param in module.named_parameters(recurse=False):
-                state[f"{name}.{pname}" if name else pname] = param.detach()
-    return state
+                    yield f"{part}.{suffix}", tensor
 
 
 def _split_tensors(module: LinearFormat) -> list[dict[str, torch.Tensor]]:
@@ -261,16 +257,10 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
                                                    bias, splits, compute)
 
     for i, layer in enumerate(backbone.layers):
-        for owner, path in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
-            for name, module in list(owner.named_children()):
-                if isinstance(module, Fused):
-                    parts = list(module.named_children())
-                elif isinstance(module, nn.Linear):
-                    parts = [(name, module)]
-                else:
-                    continue
-                setattr(owner, name, build([f"{prefix}layers.{i}.{path}.{part}" for part, _ in parts],
-                                           [linear for _, linear in parts]))
+        for owner, path, name in layer_projections(layer):
+            pieces = parts(name, getattr(owner, name))
+            setattr(owner, name, build([f"{prefix}layers.{i}.{path}.{part}" for part, _ in pieces],
+                                       [linear for _, linear in pieces]))
     if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
         model.lm_head = build(["lm_head"], [model.lm_head])
     if tensors:

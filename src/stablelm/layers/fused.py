@@ -16,6 +16,8 @@ from torch import nn
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
+# Where a decoder layer holds its projection modules, in the order its forward runs them.
+LAYER_PROJECTIONS = (("self_attn", ("qkv_proj", "o_proj")), ("mlp", ("gate_up_proj", "down_proj")))
 
 _MODULE_NAME = re.compile(r"(^|\.)(" + "|".join(FUSED) + r")\.(" + "|".join(PART_OF) + r")(\.|$)")
 _REFERENCE_NAME = re.compile(r"(^|\.)(" + "|".join(PART_OF) + r")(\.|$)")
@@ -31,6 +33,19 @@ class Fused(nn.Module):
 
     def forward(self, x):
         return tuple(linear(x) for linear in self.children())
+
+
+def layer_projections(layer: nn.Module):
+    """(owner module, owner's path in the layer, attribute) of each projection module of a decoder layer."""
+    for path, names in LAYER_PROJECTIONS:
+        owner = getattr(layer, path)
+        for name in names:
+            yield owner, path, name
+
+
+def parts(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(reference name, nn.Linear) of what a projection module runs: the parts of a Fused, or itself."""
+    return list(module.named_children()) if isinstance(module, Fused) else [(name, module)]
 
 
 def reference_name(key: str) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fast
-from .fused import FUSED, PROJECTIONS
+from .fused import FUSED, PROJECTIONS, layer_projections, parts
 from .rounding import INT4_GROUP_SIZE, int4_params, int4_round, quantize_int8
 
 # down_proj is the projection int4 hurts most (measured on the demo model, see tests/test_demo.py); as in
@@ -88,10 +88,11 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
     unknown = set(int8_modules) - set(PROJECTIONS)
     if unknown:
         raise ValueError(f"int8_modules: unknown projection(s) {sorted(unknown)}; expected names among {PROJECTIONS}")
-    for parts in FUSED.values():
-        chosen = set(parts) & set(int8_modules)
-        if chosen and chosen != set(parts):
-            raise ValueError(f"int8_modules must name all of the fused {list(parts)} or none, got {sorted(chosen)}")
+    for fused_parts in FUSED.values():
+        chosen = set(fused_parts) & set(int8_modules)
+        if chosen and chosen != set(fused_parts):
+            raise ValueError(f"int8_modules must name all of the fused {list(fused_parts)} or none, "
+                             f"got {sorted(chosen)}")
     fast.restore(model)  # plain nn.Linear modules to hook
     names = {module: name.rpartition(".")[2] for name, module in model.named_modules()}
     backbone = model.model if hasattr(model, "model") else model
@@ -102,9 +103,8 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
     quantized: dict[nn.Linear, tuple] = {}
     layers = tqdm(backbone.layers, desc="GPTQ", unit="layer", disable=not progress)
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for group in (list(attn.qkv_proj.children()), [attn.o_proj], list(mlp.gate_up_proj.children()),
-                      [mlp.down_proj]):
+        for group in [[linear for _, linear in parts(name, getattr(owner, name))]
+                      for owner, _, name in layer_projections(layer)]:
             if all(names[lin] in int8_modules for lin in group):  # rounded to nearest: needs no activations
                 for linear in group:
                     q, scale = quantize_int8(linear.weight)

@@ -83,14 +83,12 @@ class PreTrainedModel(nn.Module):
 
     # -- the reference's names in every layout ----------------------------------------------------
     def _reference_names(self, state_dict, prefix, local_metadata) -> None:
-        """State-dict post-hook: the reference's names and tensors in every layout and every calling form
-        (the inference layout's quantized weights as q + scale (+ zero), as saved)."""
+        """State-dict post-hook: the reference's names and tensors in every layout and every calling form.
+        The inference layout's format modules keep no persistent buffers: their stored tensors (quantized
+        weights as q + scale (+ zero), as saved) are added under the reference's names."""
         if not fast.is_optimized(self):
             return fused.state_dict_to_reference(self, state_dict, prefix, local_metadata)
-        items = [(k, v) for k, v in state_dict.items() if not k.startswith(prefix)]
-        state_dict.clear()
-        state_dict.update(items)
-        for key, value in fast.reference_state_dict(self).items():
+        for key, value in fast.format_tensors(self, present=lambda k: prefix + k in state_dict):
             state_dict[prefix + key] = value
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
