@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-reference", action="store_true", help="measure only this library")
+    p.add_argument("--tp", type=int, default=None,
+                   help="also measure this library split over N processes (tensor parallelism; torchrun, 1 thread "
+                        "each unless --threads), alternating with one process")
     p.add_argument("--serving", action="store_true",
                    help="serving mode: aggregate tokens/s and time to first token of the continuous-batching "
                         "engine at --streams concurrent requests")
@@ -115,7 +118,7 @@ def worker(args) -> dict:
     start = time.perf_counter()
     quant = None if args.quantization == "none" else args.quantization
     model = StableLmForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, quantization=quant,
-                                                linear_format=args.linear_format)
+                                                linear_format=args.linear_format, tp="auto")
     return measure(model, args, time.perf_counter() - start)
 
 
@@ -154,6 +157,15 @@ def measure(model, args, load_s: float) -> dict:
     result["peak_rss_mb"] = _peak_rss_mb()
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     result["weights_mb"] = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    tp = getattr(model, "tp", None)
+    if tp is not None:  # each rank's memory; rank 0 reports
+        import torch.distributed as dist
+
+        ranks = [None] * tp.world
+        dist.all_gather_object(ranks, {k: result[k] for k in ("peak_rss_mb", "weights_mb")})
+        result["ranks"] = ranks
+        if not tp.leader:
+            return result
     print(json.dumps(result))
     return result
 
@@ -236,17 +248,25 @@ def run(args) -> int:
             impls.append("transformers")
     print(f"building the {args.shape} checkpoint (cached in {args.cache_dir}) ...", file=sys.stderr)
     ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
+    if args.tp and args.tp > 1:
+        impls.insert(1, f"stablelm-tp{args.tp}")
     runs: dict[str, list[dict]] = {name: [] for name in impls}
     bar = tqdm(total=args.repeats * len(impls), desc="bench", unit="run")
     for _ in range(args.repeats):
         for name in impls:
             entry = ["-m", "stablelm.cli", "bench"] if name == "stablelm" else [str(reference_worker)]
-            cmd = [sys.executable, *entry, "--worker", name, "--checkpoint", str(ckpt), "--dtype", args.dtype, "--quantization", args.quantization, "--decode-tokens",
+            if name.startswith("stablelm-tp"):
+                entry = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "-m", "stablelm.cli",
+                         "bench"]
+                name_arg = "stablelm"
+            else:
+                name_arg = name
+            cmd = [sys.executable, *entry, "--worker", name_arg, "--checkpoint", str(ckpt), "--dtype", args.dtype, "--quantization", args.quantization, "--decode-tokens",
                    str(args.decode_tokens), "--prompt-lengths", *map(str, args.prompt_lengths),
                    "--batch-sizes", *map(str, args.batch_sizes)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            if args.linear_format and name == "stablelm":
+            if args.linear_format and name.startswith("stablelm"):
                 cmd += ["--linear-format", args.linear_format]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -284,23 +304,31 @@ def _best(results: list[dict]) -> dict:
     out = {}
     for key in results[0]:
         values = [r[key] for r in results]
+        if key == "ranks":  # per-rank memory of a tensor-parallel run: each rank's lowest
+            out[key] = [{k: min(run[i][k] for run in values) for k in values[0][i]} for i in range(len(values[0]))]
+            continue
         out[key] = max(values) if key.endswith("tok_s") else min(values)
         out[key + "_median"] = statistics.median(values)
     return out
 
 
 def _table(best: dict) -> str:
-    keys = [k for k in best["stablelm"] if not k.endswith("_median")]
+    keys = [k for k in best["stablelm"] if not k.endswith("_median") and k != "ranks"]
     ref = best.get("transformers")
-    lines = [f"{'metric':<24}{'stablelm':>14}" + (f"{'transformers':>14}{'ratio':>9}" if ref else "")]
+    others = [name for name in best if name not in ("stablelm", "transformers")]  # e.g. stablelm-tp2
+    lines = [f"{'metric':<24}{'stablelm':>14}" + "".join(f"{name:>16}" for name in others)
+             + (f"{'transformers':>14}{'ratio':>9}" if ref else "")]
     for key in keys:
         ours = best["stablelm"][key]
-        line = f"{key:<24}{ours:>14.2f}"
+        line = f"{key:<24}{ours:>14.2f}" + "".join(f"{best[name][key]:>16.2f}" for name in others)
         if ref:
             theirs = ref[key]
             better = ours / theirs if key.endswith("tok_s") else theirs / ours
             line += f"{theirs:>14.2f}{better:>8.2f}x"
         lines.append(line)
+    for name in others:
+        for i, rank in enumerate(best[name].get("ranks", [])):
+            lines.append(f"{name} rank {i}: weights {rank['weights_mb']:.0f} MB, peak RSS {rank['peak_rss_mb']:.0f} MB")
     if ref:
         lines.append("ratio > 1: this library is better (faster, or less time / memory)")
     return "\n".join(lines)

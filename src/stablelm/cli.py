@@ -61,6 +61,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (ours or PEFT's), merged at load")
 
 
+def _add_tp_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=_int_at_least(1), default=None,
+                   help="split the model over N processes (tensor parallelism, gloo on the CPU, NCCL on CUDA); "
+                        "under torchrun the default is its process count")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="tokens to generate (default: the model's generation_config, else 200)")
@@ -88,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     _add_model_options(gen)
     _add_sampling_options(gen)
+    _add_tp_option(gen)
 
     chat = sub.add_parser("chat", help="interactive chat that keeps the history (uses the chat template)",
                           description=f"Chat on stdin/stdout with the model's chat template. Model: {DEMO_NOTE}. "
@@ -162,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                            description=f"Serve /v1/completions and /v1/chat/completions. Model: {DEMO_NOTE}.")
     _add_model_options(serve)
+    _add_tp_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=_int_at_least(1, 65535), default=8000, help="TCP port (default 8000)")
     serve.add_argument("--api-key", default=None,
@@ -213,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate" and (args.tp or 1) > 1 and _world() == 1:
+            return _launch(args.tp, sys.argv[1:] if argv is None else argv)
         if args.command == "generate":
             return _generate(args)
         if args.command == "chat":
@@ -286,7 +296,22 @@ def _serve(args) -> int:
           dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, model_name=args.model_name or (args.model or "stablelm-demo"),
           kv_cache_memory=args.kv_cache_memory, request_timeout=args.request_timeout,
-          allowed_host=args.allowed_host, max_connections=args.max_connections, adapter=args.adapter)
+          allowed_host=args.allowed_host, max_connections=args.max_connections, adapter=args.adapter,
+          tp=args.tp or (_world() if _world() > 1 else None))
+    return 0
+
+
+def _world() -> int:
+    from .models.parallel import world_from_environment
+
+    return world_from_environment()
+
+
+def _launch(world: int, argv: list[str]) -> int:
+    """Run this command line in `world` processes as one tensor-parallel group (each prints its own errors)."""
+    from .models.parallel import launch
+
+    launch(world, main, argv)
     return 0
 
 
@@ -299,8 +324,9 @@ def _load(args):
     if args.model is None and not (demo_model_path() / "config.json").exists():
         raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
     torch.set_grad_enabled(False)
+    tp = "auto" if getattr(args, "tp", None) or _world() > 1 else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device, revision=args.revision,
-                                                 adapter=args.adapter)
+                                                 adapter=args.adapter, tp=tp)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     return model, tokenizer
 
@@ -334,7 +360,8 @@ def _generate(args) -> int:
     enc = tokenizer(args.prompt, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0:
         raise CliError("the prompt is empty")
-    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    leader = model.tp is None or model.tp.leader  # under tensor parallelism every rank generates, rank 0 prints
+    streamer = TextStreamer(tokenizer, skip_prompt=False) if leader else None
     model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], streamer=streamer, tokenizer=tokenizer,
                    **_options(args, model))
     return 0

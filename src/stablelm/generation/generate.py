@@ -167,6 +167,8 @@ def _sample(model, input_ids, attention_mask, gc: GenerationConfig, max_length: 
     while True:
         scores = sampling.process(logits, sequences[:, :length], length - prompt_len, gc, eos)
         tokens = sampling.choose(scores, gc.do_sample)
+        if gc.do_sample and getattr(model, "tp", None) is not None:  # the ranks' random numbers differ
+            tokens = model.tp.agree(tokens)
         if len(eos):
             tokens = torch.where(unfinished, tokens, gc.pad_token_id)
         sequences[:, length] = tokens

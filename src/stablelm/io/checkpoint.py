@@ -205,9 +205,11 @@ def parameter_count(config: StableLmConfig, cls) -> int:
     return count + heads.get(cls.__name__, 0)
 
 
-def check_fits_in_memory(config: StableLmConfig, cls, dtype: torch.dtype) -> None:
-    """Refuse, before building anything, a config whose weights alone exceed this machine's memory."""
-    need = parameter_count(config, cls) * dtype.itemsize
+def check_fits_in_memory(config: StableLmConfig, cls, dtype: torch.dtype, fraction: float = 1.0) -> None:
+    """Refuse, before building anything, a config whose weights alone exceed this machine's memory.
+
+    fraction: the share of the weights this machine holds (tensor parallelism: its ranks' slices)."""
+    need = int(parameter_count(config, cls) * dtype.itemsize * fraction)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     if total and need > total:
         raise ValueError(f"config.json describes a {cls.__name__} of {need / 2**30:.1f} GiB in {dtype} "

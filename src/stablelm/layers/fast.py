@@ -22,10 +22,14 @@ from .rounding import INT4_GROUP_SIZE
 
 
 
-def largest_projection(config) -> int:
-    """Elements of the biggest fused projection weight (q/k/v or gate/up) of a layer."""
-    return config.hidden_size * max(2 * config.intermediate_size,
-                                    (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim)
+def largest_projection(model: nn.Module) -> int:
+    """Elements of the biggest (fused) projection weight of a layer: q/k/v or gate/up, at this process's
+    sizes (a tensor-parallel rank holds a slice)."""
+    backbone = model.model if hasattr(model, "model") else model
+    if not len(backbone.layers):
+        return 0
+    return max(sum(lin.in_features * lin.out_features for _, lin in parts(name, getattr(owner, name)))
+               for owner, _, name in layer_projections(backbone.layers[0]))
 
 
 # -- rewriting a model ---------------------------------------------------------------------------
@@ -56,11 +60,10 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
             return model
         restore(model)
     backbone = model.model if hasattr(model, "model") else model
-    config = model.config
     names = {id(module): name for name, module in model.named_modules()}  # ids: replaced modules must be freed
     scratch = None
     if not fmt.keeps_weight:  # the converted weight is a copy: read and fuse through one reused buffer
-        scratch = torch.empty(largest_projection(config), dtype=model.dtype, device=model.device)
+        scratch = torch.empty(largest_projection(model), dtype=model.dtype, device=model.device)
 
     def fused(linears: list[nn.Linear]) -> LinearFormat:
         bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
@@ -106,7 +109,7 @@ def _mark(model: nn.Module, format_name: str, quantization: str | None) -> None:
     backbone = model.model if hasattr(model, "model") else model
     for m in {model, backbone}:
         m.inference_kind, m.quantization = format_name, quantization
-    share_workspace(model, largest_projection(model.config))
+    share_workspace(model, largest_projection(model))
 
 
 @torch.no_grad()

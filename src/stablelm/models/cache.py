@@ -30,7 +30,7 @@ class KVCache:
         """A cache shaped for `model` (a StableLm* module), on its device and in its dtype."""
         config = model.config
         param = next(model.parameters())  # the embedding: the activations' dtype and device
-        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim,
+        return cls(config.num_hidden_layers, batch_size, kv_heads(model), config.head_dim,
                    capacity, dtype=param.dtype, device=param.device)
 
     @property
@@ -155,3 +155,9 @@ class KVCache:
         valid = self.valid.new_zeros(self.valid.shape[0], capacity)
         valid[:, :self.valid.shape[1]] = self.valid
         self.valid = valid
+
+
+def kv_heads(model) -> int:
+    """The kv heads this process caches: all of them, or its own under tensor parallelism."""
+    backbone = model.model if hasattr(model, "model") else model
+    return backbone.layers[0].self_attn.num_kv_heads if len(backbone.layers) else model.config.num_key_value_heads

@@ -216,9 +216,16 @@ class StableLmDecoderLayer(nn.Module):
             self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
+    tp = None  # the tensor-parallel group (stablelm.models.parallel) when o_proj / down_proj hold partial sums
+
     def forward(self, x, cos, sin, cache, mask, is_causal):
         h = self.input_layernorm(x)
         attn = self.self_attn(h, cos, sin, cache, mask, is_causal)
+        if self.tp is not None:  # one all-reduce per block, one per layer with the parallel residual
+            if self.use_parallel_residual:
+                return x + self.tp.reduce(attn + self.mlp(h))
+            x = x + self.tp.reduce(attn)
+            return x + self.tp.reduce(self.mlp(self.post_attention_layernorm(x)))
         if self.use_parallel_residual:
             return x + attn + self.dropout(self.mlp(h))
         x = x + attn
@@ -372,6 +379,8 @@ class StableLmForCausalLM(PreTrainedModel):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
+        if self.tp is not None:  # each rank computed its vocabulary rows
+            logits = self.tp.gather(logits, self.config.vocab_size)
         loss = None
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)

@@ -26,6 +26,7 @@ from ..io.checkpoint import (
 from ..io.hub import resolve_folder
 from ..layers import fast, fused
 from ..training import lora
+from . import parallel
 from .config import StableLmConfig, dtype_from_name
 from .meta import skip_init
 
@@ -37,6 +38,7 @@ class PreTrainedModel(nn.Module):
     head_keys: tuple[str, ...] = ()
     inference_kind: str | None = None  # the linear format set by stablelm.fast.optimize ("mkldnn", "native", ...)
     quantization: str | None = None  # "int8" or "int4" when the weights are quantized
+    tp = None  # this process's tensor-parallel group when the model is split (stablelm.models.parallel)
 
     def __init__(self, config: StableLmConfig):
         super().__init__()
@@ -77,6 +79,9 @@ class PreTrainedModel(nn.Module):
         return fast.optimize(self, quantization, linear_format=linear_format)
 
     def train(self, mode: bool = True):
+        if mode and self.tp is not None:
+            raise ValueError("a tensor-parallel model runs inference only: train on one process (or with torch's "
+                             "own distributed training) and split the saved checkpoint")
         if mode and fast.is_optimized(self):
             fast.restore(self)  # training needs plain nn.Linear parameters
         return super().train(mode)
@@ -182,7 +187,8 @@ class PreTrainedModel(nn.Module):
                         local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
                         token: str | bool | None = None, torch_dtype=None, device_map=None,
                         quantization: str | None = None, fast_inference: bool = True, linear_format: str | None = None,
-                        adapter: str | os.PathLike | None = None, merge_adapter: bool = True, **config_overrides):
+                        adapter: str | os.PathLike | None = None, merge_adapter: bool = True,
+                        tp: int | str | None = None, **config_overrides):
         """Load a checkpoint folder or hub id.
 
         dtype: "auto" (the checkpoint's stored dtype), a torch.dtype or its name; None = float32.
@@ -193,6 +199,8 @@ class PreTrainedModel(nn.Module):
             by default the fastest one this CPU runs (STABLELM_LINEAR sets it too).
         adapter: a LoRA adapter folder (ours or PEFT's) to apply; merge_adapter folds it into the weights
             (then the inference layout applies as usual), else the adapters stay separate (plain layout).
+        tp: split the model over this many processes (tensor parallelism, stablelm.models.parallel), or "auto"
+            for as many as torchrun started; every process calls from_pretrained and reads only its slices.
         config_overrides: config fields to change, e.g. num_labels=3 for a fresh classification head.
         """
         if torch_dtype is not None:  # the name transformers 4.x used
@@ -226,6 +234,14 @@ class PreTrainedModel(nn.Module):
         files, is_pickle = weight_files(folder, allow_pickle)
         if not is_pickle:  # cheap header reads: a config.json that does not fit is refused before any build
             check_config_against_files(config, files)
+        group = parallel.join(tp, device)
+        if group is not None:
+            if is_pickle or saved_kind or adapter is not None:
+                raise ValueError(f"{folder}: tensor parallelism reads a dense safetensors checkpoint (no pickle, "
+                                 "no saved quantization: pass quantization= to quantize each rank's slice; "
+                                 "merge an adapter first with stablelm merge)")
+            return cls._from_pretrained_split(folder, name_or_path, config, files, dtype, device, group, quantization,
+                                              fast_inference, linear_format, attn_implementation)
         check_fits_in_memory(config, cls, dtype)
         with skip_init():
             model = cls(config)
@@ -265,12 +281,32 @@ class PreTrainedModel(nn.Module):
                 lora.merge_lora(model)
                 if quantization or fast_inference:
                     fast.optimize(model, quantization, linear_format=linear_format)
+        return model._finish_loading(folder, name_or_path, attn_implementation)
+
+    @classmethod
+    def _from_pretrained_split(cls, folder, name_or_path, config, files, dtype, device, group, quantization,
+                               fast_inference, linear_format, attn_implementation):
+        """This rank's part of a tensor-parallel model: its slices read from the files, then converted."""
+        parallel.check_same_checkpoint(group, folder, files)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", group.world))  # ranks on this machine
+        check_fits_in_memory(config, cls, dtype, fraction=local / group.world)
+        with skip_init():
+            model = cls(config)
+        split = parallel.shard(model, group)
+        parallel.load(model, files, split, dtype, device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        if quantization or fast_inference:
+            fast.optimize(model, quantization, linear_format=linear_format)
+        return model._finish_loading(folder, name_or_path, attn_implementation)
+
+    def _finish_loading(self, folder: Path, name_or_path, attn_implementation: str):
         gen_path = folder / "generation_config.json"
         if gen_path.exists():
-            model.generation_config = GenerationConfig.from_json_file(gen_path)
-        model.name_or_path = str(name_or_path)
-        model.set_attn_implementation(attn_implementation)
-        return model.eval()
+            self.generation_config = GenerationConfig.from_json_file(gen_path)
+        self.name_or_path = str(name_or_path)
+        self.set_attn_implementation(attn_implementation)
+        return self.eval()
 
     def _read_checkpoint(self, files: list[Path], is_pickle: bool, expected: dict, dtype: torch.dtype, device: str,
                          quantized_kind: str | None = None, staged: StagedWeights | None = None):

@@ -9,6 +9,7 @@ own (stablelm.sampling, stablelm.streaming).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ from ..generation import sampling
 from ..generation.generate import decode_step, prefill
 from ..generation.streaming import IncrementalText, StopScanner
 from .prefix_cache import PrefixCache
-from ..models.cache import KVCache
+from ..models.cache import KVCache, kv_heads
 
 log = logging.getLogger("stablelm.engine")
 
@@ -85,7 +86,10 @@ class Event:
 class Request:
     """A submitted prompt; `emit` receives Events (from the engine thread)."""
 
+    serials = itertools.count()
+
     def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+        self.serial = next(Request.serials)  # names the request to the other ranks of a tensor-parallel engine
         self.prompt_ids = prompt_ids
         self.params = params
         self.emit = emit
@@ -121,15 +125,25 @@ class Engine:
 
     Every submitted request ends with a finish event for each of its sequences, whatever happens: a
     failure while admitting or stepping one sequence ends that sequence alone, with an error event.
+
+    A tensor-parallel model (model.tp) runs one engine per rank. Rank 0 takes the requests; at the start of
+    each round it tells the others which requests start, which were cancelled and whether to go on, and
+    every rank then runs the same admissions and forwards on its slice (`follow` on the other ranks).
+    Sampled tokens are rank 0's.
     """
+
+    HEARTBEAT = 10.0  # seconds: an idle rank 0 still sends a round, so the others' collectives never time out
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
                  kv_cache_memory: int | None = None, prefix_cache_memory: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size
+        self.tp = getattr(model, "tp", None)
         self.context, self.kv_cache_memory = plan_cache(model.config, model.dtype, max_batch, max_context,
-                                                        kv_cache_memory)
+                                                        kv_cache_memory, kv_heads(model))
+        if self.tp is not None:  # free memory differs between ranks; the plan (and so every decision) must not
+            self.context, self.kv_cache_memory = self.tp.share((self.context, self.kv_cache_memory))
         self.cache = KVCache.for_model(model, max_batch, self.context)
         # Finished sequences' keys/values for requests that repeat their start (default: a quarter of the budget).
         prefix_bytes = self.kv_cache_memory // 4 if prefix_cache_memory is None else prefix_cache_memory
@@ -143,8 +157,10 @@ class Engine:
         self.running = True
         self.steps = 0
         self.on_step: Callable[[int, int], None] | None = None  # (batch size, queue depth) after each step
-        self.thread = threading.Thread(target=self._loop, name="stablelm-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if self.tp is None or self.tp.leader:
+            self.thread = threading.Thread(target=self._loop, name="stablelm-engine", daemon=True)
+            self.thread.start()
 
     # -- the API side ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -184,13 +200,17 @@ class Engine:
         with self.lock:
             self.running = False
             self.lock.notify()
-        self.thread.join(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self._end_all("the server is shutting down")
+
+    def _end_all(self, message: str) -> None:
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
         for seq in list(self.active):
-            self._finish(seq, "error", error="the server is shutting down")
+            self._finish(seq, "error", error=message)
         for request in waiting:
-            self._fail(request, "the server is shutting down")
+            self._fail(request, message)
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -198,37 +218,76 @@ class Engine:
         while True:
             with self.lock:
                 while self.running and not self.waiting and not self.active:
-                    self.lock.wait()
-                if not self.running:
-                    return
-            self._admit()
-            self._drop_cancelled()
-            if self.active:
+                    if not self.lock.wait(timeout=self.HEARTBEAT if self.tp is not None else None):
+                        break  # a tensor-parallel round with nothing in it
+                running = self.running
+            starts = self._choose() if running else []
+            cancelled = {seq.request.serial for seq in self.active if seq.request.cancelled}
+            if self.tp is not None:
                 try:
-                    self._step()
-                except Exception as e:  # the batched forward failed: every sequence in it ends
-                    log.exception("decode step failed")
-                    for seq in list(self.active):
-                        self._finish(seq, "error", error=f"generation failed: {e}")
+                    self.tp.share((running, [(r.serial, r.prompt_ids, r.params) for r in starts], cancelled))
+                except RuntimeError as e:  # another rank is gone: nothing can run any more
+                    log.error("a tensor-parallel process stopped (%s); the engine stops", str(e).splitlines()[0])
+                    with self.lock:
+                        self.running = False
+                    self.waiting.extendleft(reversed(starts))
+                    self._end_all("a tensor-parallel process of the server stopped")
+                    return
+            if not running:
+                return
+            self._round(starts, cancelled)
             if self.on_step:
                 self.on_step(len(self.active), len(self.waiting))
 
-    def _admit(self) -> None:
+    def follow(self) -> None:
+        """The loop of a tensor-parallel rank other than 0: run the rounds rank 0 sends until it stops."""
+        torch.set_grad_enabled(False)
         while True:
-            with self.lock:
-                if not self.waiting or self.max_batch - len(self.active) < self.waiting[0].params.n:
-                    return
-                request = self.waiting.popleft()
-            if request.cancelled:
-                request.done.set()
-                continue
+            running, starts, cancelled = self.tp.share()
+            if not running:
+                return
+            self._round([self._mirror(*start) for start in starts], cancelled)
+
+    def _mirror(self, serial: int, prompt_ids: list[int], params: SamplingParams) -> Request:
+        request = Request(prompt_ids, params, lambda event: None)  # rank 0 answers the client
+        request.serial = serial
+        return request
+
+    def _round(self, starts: list[Request], cancelled: set[int]) -> None:
+        """Start `starts`, drop the sequences of `cancelled` requests, then one decode step over the batch."""
+        for request in starts:
+            self._admit(request)
+        for seq in [s for s in self.active if s.request.serial in cancelled]:
+            self._finish(seq, "cancelled")
+        if self.active:
             try:
-                self._start(request)
-            except Exception as e:  # this request alone ends
-                log.exception("admitting a request failed")
-                for seq in [s for s in self.active if s.request is request]:
+                self._step()
+            except Exception as e:  # the batched forward failed: every sequence in it ends
+                log.exception("decode step failed")
+                for seq in list(self.active):
                     self._finish(seq, "error", error=f"generation failed: {e}")
-                self._fail(request, f"generation failed: {e}")
+
+    def _choose(self) -> list[Request]:
+        """The waiting requests that start now: in order, while the batch has rows for their n sequences."""
+        starts, free = [], self.max_batch - len(self.active)
+        with self.lock:
+            while self.waiting and free >= self.waiting[0].params.n:
+                request = self.waiting.popleft()
+                if request.cancelled:
+                    request.done.set()
+                    continue
+                starts.append(request)
+                free -= request.params.n
+        return starts
+
+    def _admit(self, request: Request) -> None:
+        try:
+            self._start(request)
+        except Exception as e:  # this request alone ends
+            log.exception("admitting a request failed")
+            for seq in [s for s in self.active if s.request is request]:
+                self._finish(seq, "error", error=f"generation failed: {e}")
+            self._fail(request, f"generation failed: {e}")
 
     def _start(self, request: Request) -> None:
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
@@ -260,10 +319,6 @@ class Engine:
         if request.unfinished <= 0:
             request.done.set()
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in self.active if s.request.cancelled]:
-            self._finish(seq, "cancelled")
-
     def _step(self) -> None:
         rows = len(self.active)
         tokens = torch.tensor([s.tokens[-1] for s in self.active], device=self.model.device)
@@ -287,7 +342,10 @@ class Engine:
             if params.repetition_penalty != 1.0 else None
         scores = sampling.process(logits.float()[None], seen, len(seq.tokens), params, self.no_eos,
                                   counts=seq.counts)
-        token = int(sampling.choose(scores, params.do_sample, seq.generator)[0])
+        chosen = sampling.choose(scores, params.do_sample, seq.generator)
+        if params.do_sample and self.tp is not None:  # each rank's generator would pick its own
+            chosen = self.tp.agree(chosen)
+        token = int(chosen[0])
         if seq.counts is not None:
             seq.counts[0, token] += 1
         if params.logprobs is not None:
@@ -355,15 +413,17 @@ def _send(request: Request, event: Event) -> None:
 
 
 def plan_cache(config, dtype: torch.dtype, max_batch: int, max_context: int | None,
-               kv_cache_memory: int | None) -> tuple[int, int]:
+               kv_cache_memory: int | None, kv_heads: int | None = None) -> tuple[int, int]:
     """(context, budget in bytes) for a `max_batch` x context KV cache that fits the memory budget.
 
-    The budget defaults to a quarter of the memory available now. Without `max_context` the context is the
-    model's, shortened to fit; a `max_context` that does not fit is an error naming both numbers.
+    The budget (per process) defaults to a quarter of the memory available now, shared by the processes
+    of this machine. Without `max_context` the context is the model's, shortened to fit; a `max_context`
+    that does not fit is an error naming both numbers. kv_heads: the heads this process caches.
     """
     if kv_cache_memory is None:
-        kv_cache_memory = available_memory() // 4
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        kv_cache_memory = available_memory() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * config.head_dim * dtype.itemsize
     fits = kv_cache_memory // (per_token * max_batch)
     model_context = config.max_position_embeddings
     if max_context is not None:

@@ -13,6 +13,8 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -582,28 +584,37 @@ def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
           model_name: str | None = None, kv_cache_memory: int | None = None, request_timeout: float = 10.0,
-          allowed_host: list[str] | None = None, max_connections: int = 256, adapter: str | None = None) -> None:
-    """Load the model and run the server until interrupted (SIGINT / SIGTERM)."""
-    import socket
+          allowed_host: list[str] | None = None, max_connections: int = 256, adapter: str | None = None,
+          tp: int | None = None) -> None:
+    """Load the model and run the server until interrupted (SIGINT / SIGTERM).
 
+    tp: split the model over this many processes (started here, or by torchrun); rank 0 serves HTTP and the
+    others follow its engine."""
     import uvicorn
 
     from ..auto import AutoModelForCausalLM, AutoTokenizer
+    from ..models import parallel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if tp is not None and tp > 1 and parallel.world_from_environment() == 1:
+        _listen(host, port).close()  # a port in use is an error now, not in one of the processes
+        options = dict(host=host, port=port, api_key=api_key, dtype=dtype, quantization=quantization,
+                       max_batch=max_batch, max_queue=max_queue, max_context=max_context, model_name=model_name,
+                       kv_cache_memory=kv_cache_memory, request_timeout=request_timeout, allowed_host=allowed_host,
+                       max_connections=max_connections, adapter=adapter, tp=tp)
+        parallel.launch(tp, serve, model_path, **options)
+        return
+    leader = int(os.environ.get("RANK", "0")) == 0
     # Take the port first: a port in use is a one-line error before minutes of loading.
-    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections (else Nagle adds 40 ms a reply).
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}"
-                      f"{' (another server is using the port? pick one with --port)' if e.errno == 98 else ''}") \
-            from None
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization, adapter=adapter)
+    sock = _listen(host, port) if leader else None
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization, adapter=adapter,
+                                                 tp="auto" if tp is not None else None)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not leader:  # rank 0 says when to stop (a Ctrl-C reaches every process of the terminal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+               kv_cache_memory=kv_cache_memory).follow()
+        return
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     allowed_hosts=allowed_hosts(host, allowed_host))
     app = create_app(model, tokenizer, model_name or str(model_path), api_key=api_key, max_batch=max_batch,
@@ -619,3 +630,20 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     sock.listen(2048)  # connections from now on wait in the backlog until uvicorn accepts them
     print(f"stablelm serve: ready on http://{shown}:{port}/v1 (model {model_name or model_path})", flush=True)
     server.run(sockets=[sock])
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port, or an OSError that says why not."""
+    import socket
+
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections (else Nagle adds 40 ms a reply).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                      f"{' (another server is using the port? pick one with --port)' if e.errno == 98 else ''}") \
+            from None
+    return sock
