@@ -111,3 +111,30 @@ def test_gptq_int4_quality(corpus, heldout_ids, baseline, tmp_path):
     reloaded = stablelm.AutoModelForCausalLM.from_pretrained(tmp_path / "gptq")
     assert reloaded.quantization == "int4"
     _check("int4 GPTQ", reloaded, heldout_ids, baseline, 0.95, 0.05)
+
+
+@pytest.mark.parametrize("kind,min_agreement,max_ppl_increase", [("int8", 0.99, 0.01),
+                                                                  ("int4", RTN_INT4_AGREEMENT_FLOOR, 0.05)])
+def test_decode_path_quality(heldout_ids, baseline, kind, min_agreement, max_ppl_increase):
+    """The same guard through the decoding kernels (one token a step, 8 rows; int4-native rounds the
+    activations to int8 per block of 32 there): 8 windows x 160 tokens."""
+    model = stablelm.AutoModelForCausalLM.from_pretrained(DEMO, quantization=kind)
+    ids = heldout_ids[:8, :161]
+    cache, steps = None, []
+    with torch.no_grad():
+        for i in range(ids.shape[1] - 1):
+            out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits.float())
+    logits = torch.cat(steps, dim=1)
+    base_top, base_ppl = baseline
+    agreement = (logits.argmax(-1) == base_top[:8, :160]).float().mean().item()
+    reference = stablelm.AutoModelForCausalLM.from_pretrained(DEMO)
+    with torch.no_grad():
+        base_logits = reference(ids[:, :-1]).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+    base_nll = torch.nn.functional.cross_entropy(base_logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+    print(f"{kind} decode path ({model.inference_kind}): top-1 agreement {agreement:.4f}, "
+          f"perplexity {math.exp(base_nll):.3f} -> {math.exp(nll):.3f}")
+    assert agreement >= min_agreement
+    assert math.exp(nll) <= math.exp(base_nll) * (1 + max_ppl_increase)

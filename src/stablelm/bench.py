@@ -31,6 +31,9 @@ SHAPES = {
 IMPLEMENTATIONS = ("stablelm", "transformers")
 # In a source checkout (pip install -e .), the reference side's script sits in the repository.
 REFERENCE_WORKER = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_worker.py"
+LLAMACPP_WORKER = REFERENCE_WORKER.with_name("llamacpp_worker.py")
+PEERS = {"transformers": ("transformers", REFERENCE_WORKER), "llama.cpp": ("llama_cpp", LLAMACPP_WORKER)}
+GGUF_TYPE = {"none": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's type at each precision
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-reference", action="store_true", help="measure only this library")
+    p.add_argument("--against", action="append", choices=sorted(PEERS), default=None,
+                   help="the peers measured in the same run, alternating (repeatable; default transformers). "
+                        "llama.cpp needs llama-cpp-python and gguf (pip install -e .[llama]); the checkpoint is "
+                        "converted to GGUF once")
+    p.add_argument("--gguf-type", default=None, choices=sorted(set(GGUF_TYPE.values()) | {"bf16"}),
+                   help="llama.cpp's weights (default: f16, q8_0, q4_0 for --quantization none, int8, int4)")
     p.add_argument("--tp", type=int, default=None,
                    help="also measure this library split over N processes (tensor parallelism; torchrun, 1 thread "
                         "each unless --threads), alternating with one process")
@@ -237,33 +246,40 @@ def run(args) -> int:
     from tqdm import tqdm
 
     impls = ["stablelm"]
-    reference_worker = Path(args.reference_worker)
-    if not args.no_reference:
-        # The reference side runs from a script beside the package: the library never imports transformers.
-        if importlib.util.find_spec("transformers") is None:
-            print("transformers is not installed: measuring this library only", file=sys.stderr)
-        elif not reference_worker.exists():
-            print(f"no reference worker at {reference_worker}: measuring this library only", file=sys.stderr)
+    workers = {"transformers": Path(args.reference_worker), "llama.cpp": LLAMACPP_WORKER}
+    for peer in [] if args.no_reference else (args.against or ["transformers"]):
+        # The peers run from scripts beside the package: the library never imports them.
+        module, script = PEERS[peer][0], workers[peer]
+        if importlib.util.find_spec(module) is None:
+            print(f"{module} is not installed: not measuring {peer}", file=sys.stderr)
+        elif not script.exists():
+            print(f"no {peer} worker at {script}: not measuring {peer}", file=sys.stderr)
         else:
-            impls.append("transformers")
+            impls.append(peer)
     print(f"building the {args.shape} checkpoint (cached in {args.cache_dir}) ...", file=sys.stderr)
     ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
+    if "llama.cpp" in impls:  # its GGUF file, converted once before anything is timed
+        subprocess.run([sys.executable, str(LLAMACPP_WORKER), "--checkpoint", str(ckpt), "--gguf-type",
+                        args.gguf_type or GGUF_TYPE[args.quantization], "--convert-only"], check=True)
     if args.tp and args.tp > 1:
         impls.insert(1, f"stablelm-tp{args.tp}")
     runs: dict[str, list[dict]] = {name: [] for name in impls}
     bar = tqdm(total=args.repeats * len(impls), desc="bench", unit="run")
     for _ in range(args.repeats):
         for name in impls:
-            entry = ["-m", "stablelm.cli", "bench"] if name == "stablelm" else [str(reference_worker)]
+            entry = ["-m", "stablelm.cli", "bench"] if name == "stablelm" else [str(workers.get(name))]
+            name_arg = name
             if name.startswith("stablelm-tp"):
                 entry = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "-m", "stablelm.cli",
                          "bench"]
                 name_arg = "stablelm"
-            else:
-                name_arg = name
-            cmd = [sys.executable, *entry, "--worker", name_arg, "--checkpoint", str(ckpt), "--dtype", args.dtype, "--quantization", args.quantization, "--decode-tokens",
-                   str(args.decode_tokens), "--prompt-lengths", *map(str, args.prompt_lengths),
-                   "--batch-sizes", *map(str, args.batch_sizes)]
+            cmd = [sys.executable, *entry, "--worker", name_arg, "--checkpoint", str(ckpt), "--dtype", args.dtype,
+                   "--quantization", args.quantization, "--decode-tokens", str(args.decode_tokens),
+                   "--prompt-lengths", *map(str, args.prompt_lengths), "--batch-sizes", *map(str, args.batch_sizes)]
+            if name == "llama.cpp":
+                cmd = [sys.executable, str(LLAMACPP_WORKER), "--checkpoint", str(ckpt), "--gguf-type",
+                       args.gguf_type or GGUF_TYPE[args.quantization], "--decode-tokens", str(args.decode_tokens),
+                       "--prompt-lengths", *map(str, args.prompt_lengths)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             if args.linear_format and name.startswith("stablelm"):
@@ -313,23 +329,27 @@ def _best(results: list[dict]) -> dict:
 
 
 def _table(best: dict) -> str:
+    """Every metric of every implementation; each peer's column is followed by our ratio to it."""
     keys = [k for k in best["stablelm"] if not k.endswith("_median") and k != "ranks"]
-    ref = best.get("transformers")
-    others = [name for name in best if name not in ("stablelm", "transformers")]  # e.g. stablelm-tp2
-    lines = [f"{'metric':<24}{'stablelm':>14}" + "".join(f"{name:>16}" for name in others)
-             + (f"{'transformers':>14}{'ratio':>9}" if ref else "")]
+    peers = [name for name in best if name in PEERS]
+    ours_too = [name for name in best if name != "stablelm" and name not in PEERS]  # e.g. stablelm-tp2
+    lines = [f"{'metric':<24}{'stablelm':>14}" + "".join(f"{name:>16}" for name in ours_too)
+             + "".join(f"{name:>14}{'ratio':>9}" for name in peers)]
     for key in keys:
         ours = best["stablelm"][key]
-        line = f"{key:<24}{ours:>14.2f}" + "".join(f"{best[name][key]:>16.2f}" for name in others)
-        if ref:
-            theirs = ref[key]
-            better = ours / theirs if key.endswith("tok_s") else theirs / ours
-            line += f"{theirs:>14.2f}{better:>8.2f}x"
+        line = f"{key:<24}{ours:>14.2f}" + "".join(f"{best[name].get(key, float('nan')):>16.2f}" for name in ours_too)
+        for name in peers:
+            theirs = best[name].get(key)
+            if theirs is None:
+                line += f"{'-':>14}{'':>9}"
+            else:
+                better = ours / theirs if key.endswith("tok_s") else theirs / ours
+                line += f"{theirs:>14.2f}{better:>8.2f}x"
         lines.append(line)
-    for name in others:
+    for name in ours_too:
         for i, rank in enumerate(best[name].get("ranks", [])):
             lines.append(f"{name} rank {i}: weights {rank['weights_mb']:.0f} MB, peak RSS {rank['peak_rss_mb']:.0f} MB")
-    if ref:
+    if peers:
         lines.append("ratio > 1: this library is better (faster, or less time / memory)")
     return "\n".join(lines)
 
@@ -347,7 +367,7 @@ def _chart(best: dict, args, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(best)
     for i, (name, figures) in enumerate(best.items()):
-        ax.bar([j + i * width for j in range(len(keys))], [figures[k] for k in keys], width, label=name)
+        ax.bar([j + i * width for j in range(len(keys))], [figures.get(k, 0) for k in keys], width, label=name)
     ax.set_xticks([j + width * (len(best) - 1) / 2 for j in range(len(keys))])
     ax.set_xticklabels([k.removesuffix("_tok_s") for k in keys])
     ax.set_ylabel("tokens / s (higher is better)")

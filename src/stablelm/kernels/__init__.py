@@ -159,6 +159,36 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
     return torch.ops.stablelm_kernels.gemv_int4(x, packed, scale, offset, group, _check_isa(isa))
 
 
+def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+            group: int = 0, isa: int = -1) -> torch.Tensor:
+    """x (M <= 8, K) float32, rounded to int8 per block of 32 inputs (d = max|x| / 127), times int8 weights
+    (N, K) with `scale` (N,), or packed int4 weights (N, K / 2) with `scale` and `offset` (N, K / group);
+    products summed in integers per block. K must be a multiple of 32."""
+    int4 = weight.dtype == torch.uint8
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"gemv_q8: weight must be contiguous int8 (N, K) or packed int4 (N, K / 2) uint8, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape[0], weight.shape[1] * (2 if int4 else 1)
+    _check_rows(x, k)
+    if k % 32:
+        raise ValueError(f"gemv_q8: K = {k} is not a multiple of the 32-input block")
+    groups = k // group if int4 and group and not group % 32 and not k % group else None
+    if int4 and (groups is None or offset is None):
+        raise ValueError(f"gemv_q8: int4 weights need a group (multiple of 32 dividing K = {k}) and offsets")
+    for name, t in (("scale", scale), ("offset", offset if int4 else scale)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n * (groups or 1):
+            raise ValueError(f"gemv_q8: {name} must be contiguous float32 with {n * (groups or 1)} values")
+    return torch.ops.stablelm_kernels.gemv_q8(x, weight, scale, offset, group, _check_isa(isa))
+
+
+def quantize_blocks_reference(x: torch.Tensor) -> torch.Tensor:
+    """What gemv_q8 multiplies instead of x: each block of 32 rounded to int8 steps of max|x| / 127."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return ((blocks * inverse).round() * (amax / 127.0)).view_as(x)
+
+
 def _check_rows(x: torch.Tensor, k: int) -> None:
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"native kernels: x must be a contiguous (M, K) float32 tensor, got {x.dtype} {tuple(x.shape)}")

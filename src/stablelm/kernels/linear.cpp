@@ -21,6 +21,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -268,6 +270,143 @@ AVX2 void int4_rows_avx2(const float* x, int64_t m, const uint8_t* w, const floa
   }
 }
 
+// ---- int8 activations (llama.cpp's trick): integer dot products over blocks of 32 inputs ------------------
+// Each activation row is rounded per block of 32 inputs to int8 with one fp32 step: x ~ d_b * xq. Then
+// sum_k w_k x_k = sum_b d_b * (scale . sum_{k in b} q_k xq_k) (+ offset_g * sum_{k in g} x_k for int4),
+// with the inner sums exact in int32 (AVX2: vpmaddubsw pairs of u8 x s8, vpmaddwd into int32).
+constexpr int64_t kBlock = 32;
+
+// xq (M, K) int8, d (M, K / 32): d = max|x| / 127 over the block; xq = round-half-even(x * (127 / max|x|)).
+void quantize_blocks(const float* x, int64_t m, int64_t k, int8_t* xq, float* d) {
+  for (int64_t b = 0; b < m * k / kBlock; ++b) {
+    const float* v = x + b * kBlock;
+    float amax = 0.f;
+    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[b] = amax / 127.f;
+    for (int j = 0; j < kBlock; ++j) xq[b * kBlock + j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+  }
+}
+
+// The int32 dot of one block: u (32 values 0..255, unsigned) with s (32 int8).
+inline int32_t dot_block_scalar_u8(const uint8_t* u, const int8_t* s) {
+  int32_t acc = 0;
+  for (int j = 0; j < kBlock; ++j) acc += int32_t(u[j]) * int32_t(s[j]);
+  return acc;
+}
+
+AVX2 inline __m256 dot_block_avx2(__m256i u, __m256i s) {  // 8 int32 partial sums as floats
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+AVX2 inline __m256i int4_block_avx2(const uint8_t* bytes) {  // 32 values 0..15 in input order
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i low = _mm_set1_epi8(0xF);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+}
+
+// PG blocks per group (2 for groups of 64): unrolled, the group's scale applied once per group.
+template <int MR, int PG>
+AVX2 void int4_q8_tile_avx2(const int8_t* xq, const float* d, const float* xsum, const uint8_t* w,
+                            const float* scale, const float* offset, float* y, int64_t row, int64_t n, int64_t k,
+                            int64_t group) {
+  const int64_t groups = k / group, blocks = k / kBlock;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  const uint8_t* wrow = w + row * k / 2;
+  const float* srow = scale + row * groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[MR];
+    for (int r = 0; r < MR; ++r) part[r] = _mm256_setzero_ps();
+    for (int i = 0; i < PG; ++i) {
+      const int64_t b = g * PG + i;
+      const __m256i q = int4_block_avx2(wrow + b * kBlock / 2);
+      for (int r = 0; r < MR; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
+        part[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + r * blocks + b), dot_block_avx2(q, v), part[r]);
+      }
+    }
+    const __m256 s = _mm256_broadcast_ss(srow + g);
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(s, part[r], acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    float total = hsum8(acc[r]);
+    for (int64_t g = 0; g < groups; ++g) total += offset[row * groups + g] * xsum[r * groups + g];
+    y[r * n + row] = total;
+  }
+}
+
+// Batch 1: two weight rows per pass share each activation block's load (more independent work in flight).
+template <int PG>
+AVX2 void int4_q8_pair_avx2(const int8_t* xq, const float* d, const float* xsum, const uint8_t* w,
+                            const float* scale, const float* offset, float* y, int64_t row, int64_t k,
+                            int64_t group) {
+  const int64_t groups = k / group;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const uint8_t *w0 = w + row * k / 2, *w1 = w0 + k / 2;
+  const float *s0 = scale + row * groups, *s1 = s0 + groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
+    for (int i = 0; i < PG; ++i) {
+      const int64_t b = g * PG + i;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+      const __m256 db = _mm256_broadcast_ss(d + b);
+      p0 = _mm256_fmadd_ps(db, dot_block_avx2(int4_block_avx2(w0 + b * kBlock / 2), v), p0);
+      p1 = _mm256_fmadd_ps(db, dot_block_avx2(int4_block_avx2(w1 + b * kBlock / 2), v), p1);
+    }
+    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s0 + g), p0, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s1 + g), p1, acc1);
+  }
+  float t0 = hsum8(acc0), t1 = hsum8(acc1);
+  for (int64_t g = 0; g < groups; ++g) {
+    t0 += offset[row * groups + g] * xsum[g];
+    t1 += offset[(row + 1) * groups + g] * xsum[g];
+  }
+  y[row] = t0;
+  y[row + 1] = t1;
+}
+
+template <int MR>
+AVX2 void int4_q8_avx2(const int8_t* xq, const float* d, const float* xsum, const uint8_t* w, const float* scale,
+                       const float* offset, float* y, int64_t row, int64_t n, int64_t k, int64_t group) {
+  switch (group / kBlock) {
+    case 2: int4_q8_tile_avx2<MR, 2>(xq, d, xsum, w, scale, offset, y, row, n, k, group); break;
+    case 1: int4_q8_tile_avx2<MR, 1>(xq, d, xsum, w, scale, offset, y, row, n, k, group); break;
+    case 4: int4_q8_tile_avx2<MR, 4>(xq, d, xsum, w, scale, offset, y, row, n, k, group); break;
+    default: break;  // gemv_q8 sends other group sizes to the scalar code
+  }
+}
+
+// int8 weights are signed: |q| (unsigned) times xq with q's sign, as vpmaddubsw wants.
+template <int MR>
+AVX2 void int8_q8_tile_avx2(const int8_t* xq, const float* d, const int8_t* w, const float* scale, float* y,
+                            int64_t row, int64_t n, int64_t k) {
+  const int64_t blocks = k / kBlock;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  const int8_t* wrow = w + row * k;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * kBlock));
+    const __m256i magnitude = _mm256_sign_epi8(q, q);
+    for (int r = 0; r < MR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r * blocks + b]), dot_block_avx2(magnitude, _mm256_sign_epi8(v, q)),
+                               acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) y[r * n + row] = scale[row] * hsum8(acc[r]);
+}
+
+template <typename Tile1, typename Tile2, typename Tile4>
+inline void over_rows(int64_t m, Tile1 one, Tile2 two, Tile4 four) {
+  for (int64_t r = 0; r < m;) {
+    if (m - r >= 4) { four(r); r += 4; }
+    else if (m - r >= 2) { two(r); r += 2; }
+    else { one(r); r += 1; }
+  }
+}
+
 // ---- entry points --------------------------------------------------------------------------------
 void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -348,6 +487,86 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// The int8-activation products: x (M, K) fp32 is rounded per block of 32 (see quantize_blocks), K % 32 == 0.
+// int8: weight (N, K) int8, scale (N,) fp32. int4: packed, scale, offset as gemv_int4.
+at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa) {
+  const bool int4 = weight.scalar_type() == at::kByte;
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && (int4 || weight.scalar_type() == at::kChar),
+              "stablelm kernels: gemv_q8 takes contiguous int8 (N, K) or packed int4 (N, K / 2) weights");
+  const int64_t n = weight.size(0), k = weight.size(1) * (int4 ? 2 : 1), m = x.size(0);
+  check_x(x, k);
+  TORCH_CHECK(k % kBlock == 0, "stablelm kernels: gemv_q8 needs K divisible by 32, got ", k);
+  const int64_t groups = int4 ? k / group : 1;
+  TORCH_CHECK(!int4 || (group % kBlock == 0 && k % group == 0 && offset.has_value()),
+              "stablelm kernels: int4 needs a group that is a multiple of 32 dividing K, and offsets");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n * groups,
+              "stablelm kernels: gemv_q8 scale must be contiguous float32 with ", n * groups, " values");
+  isa = resolve_isa(isa);
+  auto xq = at::empty({m, k}, x.options().dtype(at::kChar));
+  auto d = at::empty({m, k / kBlock}, x.options());
+  auto xsum = at::empty({m, groups}, x.options());
+  const float* xp = static_cast<float*>(x.data_ptr());
+  int8_t* qp = static_cast<int8_t*>(xq.data_ptr());
+  float *dp = static_cast<float*>(d.data_ptr()), *xs = static_cast<float*>(xsum.data_ptr());
+  quantize_blocks(xp, m, k, qp, dp);
+  const int64_t gsize = k / groups;
+  for (int64_t i = 0; i < m * groups; ++i) {  // exact sums, for int4's offsets
+    float total = 0.f;
+    for (int64_t j = 0; j < gsize; ++j) total += xp[i * gsize + j];
+    xs[i] = total;
+  }
+  auto y = at::empty({m, n}, x.options());
+  float* yp = static_cast<float*>(y.data_ptr());
+  const float* sp = static_cast<float*>(scale.data_ptr());
+  const float* op = int4 ? static_cast<float*>(offset->data_ptr()) : nullptr;
+  const int64_t blocks = k / kBlock;
+  const bool fast4 = isa >= kAvx2 && int4 && (group == 32 || group == 64 || group == 128);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (fast4 && m == 1 && row + 1 < end) {
+        const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+        if (group == 64) int4_q8_pair_avx2<2>(qp, dp, xs, w, sp, op, yp, row, k, group);
+        else if (group == 32) int4_q8_pair_avx2<1>(qp, dp, xs, w, sp, op, yp, row, k, group);
+        else int4_q8_pair_avx2<4>(qp, dp, xs, w, sp, op, yp, row, k, group);
+        ++row;
+      } else if (fast4) {
+        const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+        over_rows(m, [&](int64_t r) { int4_q8_avx2<1>(qp + r * k, dp + r * blocks, xs + r * groups, w, sp, op, yp + r * n, row, n, k, group); },
+                     [&](int64_t r) { int4_q8_avx2<2>(qp + r * k, dp + r * blocks, xs + r * groups, w, sp, op, yp + r * n, row, n, k, group); },
+                     [&](int64_t r) { int4_q8_avx2<4>(qp + r * k, dp + r * blocks, xs + r * groups, w, sp, op, yp + r * n, row, n, k, group); });
+      } else if (isa >= kAvx2 && !int4) {
+        const int8_t* w = static_cast<const int8_t*>(weight.data_ptr());
+        over_rows(m, [&](int64_t r) { int8_q8_tile_avx2<1>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); },
+                     [&](int64_t r) { int8_q8_tile_avx2<2>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); },
+                     [&](int64_t r) { int8_q8_tile_avx2<4>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); });
+      } else {  // scalar: the same integer sums, one block at a time
+        uint8_t values[kBlock];
+        for (int64_t r = 0; r < m; ++r) {
+          float total = 0.f;
+          for (int64_t b = 0; b < blocks; ++b) {
+            int32_t dot;
+            if (int4) {
+              const uint8_t* bytes = static_cast<const uint8_t*>(weight.data_ptr()) + row * k / 2 + b * kBlock / 2;
+              for (int j = 0; j < 16; ++j) { values[j] = bytes[j] & 0xF; values[16 + j] = bytes[j] >> 4; }
+              dot = dot_block_scalar_u8(values, qp + r * k + b * kBlock);
+            } else {
+              const int8_t* q = static_cast<const int8_t*>(weight.data_ptr()) + row * k + b * kBlock;
+              dot = 0;
+              for (int j = 0; j < kBlock; ++j) dot += int32_t(q[j]) * int32_t(qp[r * k + b * kBlock + j]);
+            }
+            total += (int4 ? sp[row * groups + b * kBlock / group] : 1.f) * dp[r * blocks + b] * float(dot);
+          }
+          if (int4) for (int64_t g = 0; g < groups; ++g) total += op[row * groups + g] * xs[r * groups + g];
+          else total *= sp[row];
+          yp[r * n + row] = total;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 int64_t isa_level() { return best_isa(); }
 
 }  // namespace
@@ -355,5 +574,6 @@ int64_t isa_level() { return best_isa(); }
 TORCH_LIBRARY(stablelm_kernels, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, int isa) -> Tensor", gemv);
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group, int isa) -> Tensor", gemv_int4);
+  m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? offset, int group, int isa) -> Tensor", gemv_q8);
   m.def("isa_level() -> int", isa_level);
 }
