@@ -116,13 +116,41 @@ AVX2 void tile_avx2(const float* x, int64_t k, const void* w, int64_t row, const
     }
 }
 
+// One weight row, read as a single stream (interleaving rows costs streaming speed), four independent
+// accumulators along K so the adds' latency is hidden.
+template <Kind kind, int MR>
+AVX2 void row_avx2(const float* x, int64_t k, const void* w, int64_t row, const float* scale, float* y, int64_t n) {
+  __m256 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < 4; ++u) acc[r][u] = _mm256_setzero_ps();
+  const int64_t k32 = k - k % 32, k8 = k - k % 8;
+  for (int64_t i = 0; i < k32; i += 32) {
+    __m256 wv[4];
+    for (int u = 0; u < 4; ++u) wv[u] = load8<kind>(w, row * k + i + 8 * u);
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i + 8 * u), wv[u], acc[r][u]);
+  }
+  for (int64_t i = k32; i < k8; i += 8) {
+    const __m256 wv = load8<kind>(w, row * k + i);
+    for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i), wv, acc[r][0]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+    for (int64_t i = k8; i < k; ++i) s += x[r * k + i] * load_scalar<kind>(w, row * k + i);
+    y[r * n + row] = scale ? s * scale[row] : s;
+  }
+}
+
 template <Kind kind, int MR>
 AVX2 void rows_avx2_mr(const float* x, const void* w, const float* scale, float* y, int64_t n_begin, int64_t n_end,
                        int64_t n, int64_t k) {
-  constexpr int NR = MR <= 2 ? 4 : 2;
   int64_t row = n_begin;
-  for (; row + NR <= n_end; row += NR) tile_avx2<kind, MR, NR>(x, k, w, row, scale, y, n);
-  for (; row < n_end; ++row) tile_avx2<kind, MR, 1>(x, k, w, row, scale, y, n);
+  if constexpr (MR <= 2) {
+    for (; row < n_end; ++row) row_avx2<kind, MR>(x, k, w, row, scale, y, n);
+  } else {
+    for (; row + 2 <= n_end; row += 2) tile_avx2<kind, MR, 2>(x, k, w, row, scale, y, n);
+    for (; row < n_end; ++row) tile_avx2<kind, MR, 1>(x, k, w, row, scale, y, n);
+  }
 }
 
 // ---- AVX-512 (F, BW, VL) -------------------------------------------------------------------------
@@ -300,82 +328,76 @@ AVX2 inline __m256 dot_block_avx2(__m256i u, __m256i s) {  // 8 int32 partial su
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-AVX2 inline __m256i int4_block_avx2(const uint8_t* bytes) {  // 32 values 0..15 in input order
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i low = _mm_set1_epi8(0xF);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+// int4 at AVX2 works on pairs of blocks (64 inputs, 32 bytes): one 32-byte load gives, after a mask and a
+// shift, the low nibbles (inputs 0-15 of both blocks) and the high ones (inputs 16-31 of both). The
+// activations are laid out once per call in that order (`pair_order`), so no weight is ever shuffled:
+//   xq pair p: [block 2p 0-15 | block 2p+1 0-15 | block 2p 16-31 | block 2p+1 16-31]
+//   dv pair p: [d_2p x 4 | d_2p+1 x 4], the steps of the 8 int32 sums vpmaddwd leaves (lane 0 | lane 1).
+void pair_order(const int8_t* xq, const float* d, int64_t m, int64_t k, int8_t* out, float* dv) {
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t p = 0; p < k / 64; ++p) {
+      const int8_t* src = xq + r * k + p * 64;
+      int8_t* dst = out + r * k + p * 64;
+      std::memcpy(dst, src, 16);
+      std::memcpy(dst + 16, src + 32, 16);
+      std::memcpy(dst + 32, src + 16, 16);
+      std::memcpy(dst + 48, src + 48, 16);
+      float* v = dv + (r * (k / 64) + p) * 8;
+      for (int j = 0; j < 4; ++j) { v[j] = d[r * (k / kBlock) + 2 * p]; v[4 + j] = d[r * (k / kBlock) + 2 * p + 1]; }
+    }
+  }
 }
 
-// PG blocks per group (2 for groups of 64): unrolled, the group's scale applied once per group.
-template <int MR, int PG>
-AVX2 void int4_q8_tile_avx2(const int8_t* xq, const float* d, const float* xsum, const uint8_t* w,
-                            const float* scale, const float* offset, float* y, int64_t row, int64_t n, int64_t k,
-                            int64_t group) {
-  const int64_t groups = k / group, blocks = k / kBlock;
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  const uint8_t* wrow = w + row * k / 2;
-  const float* srow = scale + row * groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 part[MR];
-    for (int r = 0; r < MR; ++r) part[r] = _mm256_setzero_ps();
-    for (int i = 0; i < PG; ++i) {
-      const int64_t b = g * PG + i;
-      const __m256i q = int4_block_avx2(wrow + b * kBlock / 2);
-      for (int r = 0; r < MR; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
-        part[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + r * blocks + b), dot_block_avx2(q, v), part[r]);
+// MR activation rows x NR weight rows; PP pairs per group (1 for groups of 64, 2 for 128). Each pair's sum
+// is scaled by (group scale x activation steps) and added into one of two accumulators in turn, so
+// consecutive pairs do not wait on each other's add.
+template <int MR, int NR, int PP>
+AVX2 void int4_q8_tile_avx2(const int8_t* xq, const float* dv, const float* xsum, const uint8_t* w,
+                            const float* scale, const float* offset, float* y, int64_t row, int64_t n, int64_t k) {
+  const int64_t pairs = k / 64, groups = pairs / PP;
+  const __m256i mask = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+  __m256 acc[2][MR][NR];
+  for (int u = 0; u < 2; ++u)
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) acc[u][r][c] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t g = p / PP;
+    const int u = p & 1;
+    __m256i lo[NR], hi[NR];
+    __m256 s[NR];
+    for (int c = 0; c < NR; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (row + c) * k / 2 + p * 32));
+      lo[c] = _mm256_and_si256(v, mask);
+      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      s[c] = _mm256_broadcast_ss(scale + (row + c) * groups + g);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* a = xq + r * k + p * 64;
+      const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+      const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
+      const __m256 step = _mm256_loadu_ps(dv + (r * pairs + p) * 8);
+      for (int c = 0; c < NR; ++c) {  // 15 * 127 * 4 < 2^15: the two halves add in int16
+        const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], a_lo), _mm256_maddubs_epi16(hi[c], a_hi));
+        acc[u][r][c] = _mm256_fmadd_ps(_mm256_mul_ps(s[c], step), _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)),
+                                       acc[u][r][c]);
       }
     }
-    const __m256 s = _mm256_broadcast_ss(srow + g);
-    for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(s, part[r], acc[r]);
   }
   for (int r = 0; r < MR; ++r) {
-    float total = hsum8(acc[r]);
-    for (int64_t g = 0; g < groups; ++g) total += offset[row * groups + g] * xsum[r * groups + g];
-    y[r * n + row] = total;
-  }
-}
-
-// Batch 1: two weight rows per pass share each activation block's load (more independent work in flight).
-template <int PG>
-AVX2 void int4_q8_pair_avx2(const int8_t* xq, const float* d, const float* xsum, const uint8_t* w,
-                            const float* scale, const float* offset, float* y, int64_t row, int64_t k,
-                            int64_t group) {
-  const int64_t groups = k / group;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const uint8_t *w0 = w + row * k / 2, *w1 = w0 + k / 2;
-  const float *s0 = scale + row * groups, *s1 = s0 + groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
-    for (int i = 0; i < PG; ++i) {
-      const int64_t b = g * PG + i;
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-      const __m256 db = _mm256_broadcast_ss(d + b);
-      p0 = _mm256_fmadd_ps(db, dot_block_avx2(int4_block_avx2(w0 + b * kBlock / 2), v), p0);
-      p1 = _mm256_fmadd_ps(db, dot_block_avx2(int4_block_avx2(w1 + b * kBlock / 2), v), p1);
+    for (int c = 0; c < NR; ++c) {
+      float total = hsum8(_mm256_add_ps(acc[0][r][c], acc[1][r][c]));
+      const float* o = offset + (row + c) * groups;
+      for (int64_t g = 0; g < groups; ++g) total += o[g] * xsum[r * groups + g];
+      y[r * n + row + c] = total;
     }
-    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s0 + g), p0, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s1 + g), p1, acc1);
   }
-  float t0 = hsum8(acc0), t1 = hsum8(acc1);
-  for (int64_t g = 0; g < groups; ++g) {
-    t0 += offset[row * groups + g] * xsum[g];
-    t1 += offset[(row + 1) * groups + g] * xsum[g];
-  }
-  y[row] = t0;
-  y[row + 1] = t1;
 }
 
-template <int MR>
-AVX2 void int4_q8_avx2(const int8_t* xq, const float* d, const float* xsum, const uint8_t* w, const float* scale,
+template <int MR, int NR>
+AVX2 void int4_q8_avx2(const int8_t* xq, const float* dv, const float* xsum, const uint8_t* w, const float* scale,
                        const float* offset, float* y, int64_t row, int64_t n, int64_t k, int64_t group) {
-  switch (group / kBlock) {
-    case 2: int4_q8_tile_avx2<MR, 2>(xq, d, xsum, w, scale, offset, y, row, n, k, group); break;
-    case 1: int4_q8_tile_avx2<MR, 1>(xq, d, xsum, w, scale, offset, y, row, n, k, group); break;
-    case 4: int4_q8_tile_avx2<MR, 4>(xq, d, xsum, w, scale, offset, y, row, n, k, group); break;
-    default: break;  // gemv_q8 sends other group sizes to the scalar code
-  }
+  if (group == 64) int4_q8_tile_avx2<MR, NR, 1>(xq, dv, xsum, w, scale, offset, y, row, n, k);
+  else int4_q8_tile_avx2<MR, NR, 2>(xq, dv, xsum, w, scale, offset, y, row, n, k);
 }
 
 // int8 weights are signed: |q| (unsigned) times xq with q's sign, as vpmaddubsw wants.
@@ -521,21 +543,35 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const float* sp = static_cast<float*>(scale.data_ptr());
   const float* op = int4 ? static_cast<float*>(offset->data_ptr()) : nullptr;
   const int64_t blocks = k / kBlock;
-  const bool fast4 = isa >= kAvx2 && int4 && (group == 32 || group == 64 || group == 128);
+  const bool fast4 = isa >= kAvx2 && int4 && (group == 64 || group == 128);
+  at::Tensor paired, dvec;
+  int8_t* pq = nullptr;
+  float* dvp = nullptr;
+  if (fast4) {
+    paired = at::empty({m, k}, x.options().dtype(at::kChar));
+    dvec = at::empty({m, k / 64, 8}, x.options());
+    pq = static_cast<int8_t*>(paired.data_ptr());
+    dvp = static_cast<float*>(dvec.data_ptr());
+    pair_order(qp, dp, m, k, pq, dvp);
+  }
+  const int64_t pairs = k / 64;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    if (fast4) {  // one weight row at a time (two interleaved rows halve the streaming rate), up to 4 activation rows
+      const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t r = 0; r < m;) {
+          int8_t* a = pq + r * k;
+          float *dr = dvp + r * pairs * 8, *xr = xs + r * groups, *yr = yp + r * n;
+          const int64_t left = m - r;
+          if (left >= 4) { int4_q8_avx2<4, 1>(a, dr, xr, w, sp, op, yr, row, n, k, group); r += 4; }
+          else if (left >= 2) { int4_q8_avx2<2, 1>(a, dr, xr, w, sp, op, yr, row, n, k, group); r += 2; }
+          else { int4_q8_avx2<1, 1>(a, dr, xr, w, sp, op, yr, row, n, k, group); r += 1; }
+        }
+      }
+      return;
+    }
     for (int64_t row = begin; row < end; ++row) {
-      if (fast4 && m == 1 && row + 1 < end) {
-        const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
-        if (group == 64) int4_q8_pair_avx2<2>(qp, dp, xs, w, sp, op, yp, row, k, group);
-        else if (group == 32) int4_q8_pair_avx2<1>(qp, dp, xs, w, sp, op, yp, row, k, group);
-        else int4_q8_pair_avx2<4>(qp, dp, xs, w, sp, op, yp, row, k, group);
-        ++row;
-      } else if (fast4) {
-        const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
-        over_rows(m, [&](int64_t r) { int4_q8_avx2<1>(qp + r * k, dp + r * blocks, xs + r * groups, w, sp, op, yp + r * n, row, n, k, group); },
-                     [&](int64_t r) { int4_q8_avx2<2>(qp + r * k, dp + r * blocks, xs + r * groups, w, sp, op, yp + r * n, row, n, k, group); },
-                     [&](int64_t r) { int4_q8_avx2<4>(qp + r * k, dp + r * blocks, xs + r * groups, w, sp, op, yp + r * n, row, n, k, group); });
-      } else if (isa >= kAvx2 && !int4) {
+      if (isa >= kAvx2 && !int4) {
         const int8_t* w = static_cast<const int8_t*>(weight.data_ptr());
         over_rows(m, [&](int64_t r) { int8_q8_tile_avx2<1>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); },
                      [&](int64_t r) { int8_q8_tile_avx2<2>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); },
