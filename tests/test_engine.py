@@ -65,14 +65,14 @@ def test_a_failing_sequence_ends_alone_in_the_engine(monkeypatch):
         monkeypatch.setattr(sampling, "choose", choose)
         (ra, a), (rb, bad), (rc, c) = run(greedy), run(SamplingParams(max_tokens=12, temperature=0.8, seed=1)), \
             run(greedy)
-        real_prefill = engine_module.prefill
+        real_prefill = engine_module.prefill_chunk
 
         def prefill(model, ids, *args):
             if ids.shape[1] == 1:
                 raise RuntimeError("prefill exploded")
             return real_prefill(model, ids, *args)
 
-        monkeypatch.setattr(engine_module, "prefill", prefill)
+        monkeypatch.setattr(engine_module, "prefill_chunk", prefill)
         rd, d = run(greedy, tok.encode("O"))
         for req in (ra, rb, rc, rd):
             assert req.done.wait(60)
@@ -202,3 +202,74 @@ def test_prefix_cache_evicts_the_least_recently_used():
     assert len(cache.entries) == 2 and cache.bytes == 2 * one
     assert cache.longest([3] + list(range(4, 30)))[0] == 0  # evicted
     assert cache.longest([5] + list(range(4, 30)))[0] == 20
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_prefill_gives_the_same_greedy_text(chunk):
+    """Prompts prefilled `chunk` tokens a round, at every offset against the chunk boundary, alone and on top
+    of a prefix-cache hit: the same greedy text as generate()."""
+    engine, tok = _engine(max_batch=2, prefill_chunk=chunk)
+    try:
+        model = engine.model
+        base = tok.encode("ROMEO:\nWhat light through yonder window breaks? It is the east.\n\nJULIET:\n")
+        for extra in range(3):  # the prompt's last chunk is 1, 2 and 3 tokens past a boundary in turn
+            ids = base + tok.encode(" O" * (extra + 1))
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
+            text = run(engine, ids, SamplingParams(max_tokens=10, temperature=0)).text()
+            assert text == tok.decode(expected[0, len(ids):], skip_special_tokens=True), (chunk, extra)
+        assert engine.prefix.hits >= 1  # the later prompts started from the earlier ones' keys/values
+        assert engine.idle() and not engine.prefilling
+    finally:
+        engine.shutdown()
+
+
+def test_a_long_prompt_does_not_stall_running_streams():
+    """While a 150-token prompt is prefilled 8 tokens a round, the running stream gets a token every round;
+    prefilled whole, it gets none until the prompt is in."""
+    got = {}
+    for chunk in (8, None):
+        engine, tok = _engine(max_batch=2, prefill_chunk=chunk)
+        try:
+            running = Collector()
+            engine.submit(Request(tok.encode("ROMEO:"), SamplingParams(max_tokens=300, temperature=0), running))
+            while len(running.events) < 3:
+                time.sleep(0.01)
+            marks = {}
+
+            def first(event, running=running, marks=marks):
+                marks.setdefault("first", len(running.events))
+
+            long_prompt = (tok.encode("JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n") * 20)[:150]
+            marks["submitted"] = len(running.events)
+            long = Request(long_prompt, SamplingParams(max_tokens=2, temperature=0), first)
+            engine.submit(long)
+            assert long.done.wait(60)
+            got[chunk] = marks["first"] - marks["submitted"]
+        finally:
+            engine.shutdown()
+    assert got[8] >= 150 // 8 - 1  # a decode step per chunk
+    assert got[None] <= 2
+
+
+def test_engine_metrics_report_the_pool_prefix_hits_and_latencies():
+    pytest.importorskip("prometheus_client", reason="metrics come with the [serve] extra")
+    from stablelm.serving.metrics import Metrics
+
+    engine, tok = _engine(max_batch=2, prefill_chunk=4)
+    metrics = Metrics()
+    engine.on_step = metrics.observe_engine
+    try:
+        ids = tok.encode("ROMEO:\nWhat light through yonder window breaks? It is the east.\n")
+        for _ in range(2):
+            run(engine, ids, SamplingParams(max_tokens=6, temperature=0))
+        engine.shutdown()  # its thread has ended: every round's figures are in
+        text = metrics.render()[0].decode()
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                  if line and not line.startswith("#")}
+        assert values["stablelm_prefix_cache_hits"] == 1 and values["stablelm_prefix_cache_lookups"] == 2
+        assert values["stablelm_prefix_cache_reused_tokens"] >= 16 and values["stablelm_prefix_cache_bytes"] > 0
+        assert values["stablelm_queue_time_seconds_count"] == 2
+        assert values["stablelm_inter_token_latency_seconds_count"] == 2 * 5  # 6 tokens each: 5 gaps
+        assert values["stablelm_kv_cache_rows_used_ratio"] == 0 and values["stablelm_prefilling_requests"] == 0
+    finally:
+        engine.shutdown()

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache length per sequence (default: the model's, shortened to fit --kv-cache-memory)")
     serve.add_argument("--kv-cache-memory", type=_size, default=None,
                        help="memory for the KV cache, e.g. 2GiB (default: a quarter of the memory available)")
+    serve.add_argument("--prefill-chunk", type=_int_at_least(0), default=256,
+                       help="prompt tokens prefilled per engine round, between decode steps of the running "
+                            "streams, so a long prompt does not stall them (default 256; 0: whole prompts)")
     serve.add_argument("--request-timeout", type=_positive_float, default=10.0,
                        help="seconds a client has to send the request headers, and again the body (default 10)")
     serve.add_argument("--max-connections", type=_int_at_least(1), default=256,
@@ -295,7 +298,8 @@ def _serve(args) -> int:
     serve(args.model or demo_model_path(), host=args.host, port=args.port, api_key=args.api_key,
           dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, model_name=args.model_name or (args.model or "stablelm-demo"),
-          kv_cache_memory=args.kv_cache_memory, request_timeout=args.request_timeout,
+          kv_cache_memory=args.kv_cache_memory, prefill_chunk=args.prefill_chunk or None,
+          request_timeout=args.request_timeout,
           allowed_host=args.allowed_host, max_connections=args.max_connections, adapter=args.adapter,
           tp=args.tp or (_world() if _world() > 1 else None))
     return 0

@@ -1,7 +1,8 @@
 """Continuous batching: one loop runs decode steps over every active sequence.
 
-A request is prefilled alone into a scratch cache, copied into free rows of the shared cache (one per
-`n`), and joins the running batch at the next step. A finished or cancelled sequence leaves at once:
+A request is prefilled alone into a scratch cache, `prefill_chunk` tokens a round (each round is also a
+decode step of the running batch, so a long prompt does not stall the streams already running), then
+copied into free rows of the shared cache (one per `n`), and joins the running batch at the next step. A finished or cancelled sequence leaves at once:
 the last active row moves into its place, so the active rows are always 0..k-1 and each decode step
 is one forward over exactly those rows. Sampling, stop strings and the text hand-out are generate()'s
 own (stablelm.sampling, stablelm.streaming).
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import sampling
-from ..generation.generate import decode_step, prefill
+from ..generation.generate import decode_step
 from ..generation.streaming import IncrementalText, StopScanner
 from .prefix_cache import PrefixCache
 from ..models.cache import KVCache, kv_heads
@@ -99,6 +100,7 @@ class Request:
         self.done = threading.Event()
         self.unfinished = params.n
         self.started = 0  # sequences that joined the batch
+        self.outputs: dict[int, list[int]] = {}  # each finished sequence's generated token ids, by index
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -110,6 +112,7 @@ class _Sequence:
         self.tokens: list[int] = []
         self.text = IncrementalText(engine.tokenizer, request.params.stop)
         self.pending_logprobs: list[dict] = []
+        self.last_token_at: float | None = None
         params = request.params
         device = engine.model.device
         self.generator = None
@@ -118,6 +121,15 @@ class _Sequence:
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(1, engine.vocab_size, device=device)
+
+
+@dataclass
+class _Prefill:
+    """A request whose prompt is being prefilled, `done` tokens so far, into its own scratch cache."""
+
+    request: Request
+    scratch: KVCache
+    done: int
 
 
 class Engine:
@@ -135,9 +147,17 @@ class Engine:
     HEARTBEAT = 10.0  # seconds: an idle rank 0 still sends a round, so the others' collectives never time out
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 kv_cache_memory: int | None = None, prefix_cache_memory: int | None = None):
+                 kv_cache_memory: int | None = None, prefix_cache_memory: int | None = None,
+                 prefill_chunk: int | None = 256):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        # A prompt is prefilled this many tokens per round, each round also a decode step for the running
+        # sequences, so a long prompt does not stall them (None: whole prompts at once).
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: deque[_Prefill] = deque()
+        self.observations: list[tuple[str, float]] = []  # ("queue" | "token_gap", seconds), drained by on_step
         self.vocab_size = model.config.vocab_size
         self.tp = getattr(model, "tp", None)
         self.context, self.kv_cache_memory = plan_cache(model.config, model.dtype, max_batch, max_context,
@@ -156,7 +176,7 @@ class Engine:
         self.lock = threading.Condition()
         self.running = True
         self.steps = 0
-        self.on_step: Callable[[int, int], None] | None = None  # (batch size, queue depth) after each step
+        self.on_step: Callable[[Engine], None] | None = None  # after each round (metrics read the engine)
         self.thread = None
         if self.tp is None or self.tp.leader:
             self.thread = threading.Thread(target=self._loop, name="stablelm-engine", daemon=True)
@@ -193,7 +213,7 @@ class Engine:
         return len(self.active)
 
     def idle(self) -> bool:
-        return not self.active and not self.waiting
+        return not self.active and not self.waiting and not self.prefilling
 
     def shutdown(self) -> None:
         """Stop the loop; every request still waiting or running ends with an error event."""
@@ -207,6 +227,8 @@ class Engine:
     def _end_all(self, message: str) -> None:
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
+        waiting = [p.request for p in self.prefilling] + waiting
+        self.prefilling.clear()
         for seq in list(self.active):
             self._finish(seq, "error", error=message)
         for request in waiting:
@@ -217,12 +239,13 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self.lock:
-                while self.running and not self.waiting and not self.active:
+                while self.running and not self.waiting and not self.active and not self.prefilling:
                     if not self.lock.wait(timeout=self.HEARTBEAT if self.tp is not None else None):
                         break  # a tensor-parallel round with nothing in it
                 running = self.running
             starts = self._choose() if running else []
-            cancelled = {seq.request.serial for seq in self.active if seq.request.cancelled}
+            cancelled = {seq.request.serial for seq in self.active if seq.request.cancelled} | \
+                {p.request.serial for p in self.prefilling if p.request.cancelled}
             if self.tp is not None:
                 try:
                     self.tp.share((running, [(r.serial, r.prompt_ids, r.params) for r in starts], cancelled))
@@ -237,7 +260,8 @@ class Engine:
                 return
             self._round(starts, cancelled)
             if self.on_step:
-                self.on_step(len(self.active), len(self.waiting))
+                self.on_step(self)
+            self.observations.clear()
 
     def follow(self) -> None:
         """The loop of a tensor-parallel rank other than 0: run the rounds rank 0 sends until it stops."""
@@ -254,11 +278,17 @@ class Engine:
         return request
 
     def _round(self, starts: list[Request], cancelled: set[int]) -> None:
-        """Start `starts`, drop the sequences of `cancelled` requests, then one decode step over the batch."""
+        """Queue `starts` for prefill, drop `cancelled` requests, prefill one chunk of a prompt, then one
+        decode step."""
         for request in starts:
             self._admit(request)
         for seq in [s for s in self.active if s.request.serial in cancelled]:
             self._finish(seq, "cancelled")
+        for job in [p for p in self.prefilling if p.request.serial in cancelled]:
+            self.prefilling.remove(job)
+            job.request.done.set()
+        if self.prefilling:
+            self._prefill_chunk()
         if self.active:
             try:
                 self._step()
@@ -268,8 +298,9 @@ class Engine:
                     self._finish(seq, "error", error=f"generation failed: {e}")
 
     def _choose(self) -> list[Request]:
-        """The waiting requests that start now: in order, while the batch has rows for their n sequences."""
-        starts, free = [], self.max_batch - len(self.active)
+        """The waiting requests that start now: in order, while the batch has rows for their n sequences
+        (rows promised to requests still in prefill count as taken)."""
+        starts, free = [], self.max_batch - len(self.active) - sum(p.request.params.n for p in self.prefilling)
         with self.lock:
             while self.waiting and free >= self.waiting[0].params.n:
                 request = self.waiting.popleft()
@@ -281,27 +312,44 @@ class Engine:
         return starts
 
     def _admit(self, request: Request) -> None:
+        """Set up `request`'s prefill: a scratch cache, filled from the prefix cache where it can be."""
         try:
-            self._start(request)
+            self.observations.append(("queue", time.perf_counter() - request.submitted))
+            ids = request.prompt_ids
+            reused, entry = self.prefix.longest(ids) if self.prefix else (0, None)
+            scratch = KVCache.for_model(self.model, 1, max(len(ids), entry.capacity if entry is not None else 0))
+            if entry is not None:  # the first `reused` tokens' keys/values from an earlier sequence
+                scratch.copy_row(0, entry, 0)
+                scratch.lengths[0] = reused
+                scratch.valid[0, reused:] = False
+            self.prefilling.append(_Prefill(request, scratch, reused))
         except Exception as e:  # this request alone ends
             log.exception("admitting a request failed")
+            self._fail(request, f"generation failed: {e}")
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the oldest prompt in prefill; once the prompt is in, its sequences join the batch."""
+        job = self.prefilling[0]
+        request = job.request
+        ids = request.prompt_ids
+        end = len(ids) if self.prefill_chunk is None else min(len(ids), job.done + self.prefill_chunk)
+        try:
+            logits = prefill_chunk(self.model, torch.tensor([ids[job.done:end]], device=self.model.device), job.scratch)
+            job.done = end
+            if end < len(ids):
+                return
+            self.prefilling.popleft()
+            self._start(request, job.scratch, logits)
+        except Exception as e:  # this request alone ends
+            log.exception("prefilling a request failed")
+            if self.prefilling and self.prefilling[0] is job:
+                self.prefilling.popleft()
             for seq in [s for s in self.active if s.request is request]:
                 self._finish(seq, "error", error=f"generation failed: {e}")
             self._fail(request, f"generation failed: {e}")
 
-    def _start(self, request: Request) -> None:
-        ids = torch.tensor([request.prompt_ids], device=self.model.device)
-        reused, entry = self.prefix.longest(request.prompt_ids) if self.prefix else (0, None)
-        if entry is None:
-            scratch = KVCache.for_model(self.model, 1, ids.shape[1])
-            logits = prefill(self.model, ids, torch.ones_like(ids), scratch)[0]
-        else:  # the first `reused` tokens' keys/values from an earlier sequence: prefill only the rest
-            scratch = KVCache.for_model(self.model, 1, max(ids.shape[1], entry.capacity))
-            scratch.copy_row(0, entry, 0)
-            scratch.lengths[0] = reused
-            scratch.valid[0, reused:] = False
-            with torch.inference_mode():
-                logits = self.model(ids[:, reused:], past_key_values=scratch, logits_to_keep=1).logits[0, -1].float()
+    def _start(self, request: Request, scratch: KVCache, logits: torch.Tensor) -> None:
+        """The prompt is in `scratch`: its n sequences take batch rows and their first tokens."""
         for index in range(request.params.n):
             row = len(self.active)
             self.cache.copy_row(row, scratch, 0)
@@ -351,8 +399,12 @@ class Engine:
         if params.logprobs is not None:
             seq.pending_logprobs.append(self._logprobs(logits, token, params.logprobs))
         request = seq.request
+        now = time.perf_counter()
         if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
+            request.first_token_at = now
+        if seq.last_token_at is not None:
+            self.observations.append(("token_gap", now - seq.last_token_at))
+        seq.last_token_at = now
         if token in self.eos:
             self._emit(seq, seq.text.flush())
             self._finish(seq, "stop")
@@ -388,6 +440,7 @@ class Engine:
         self.active.pop()
         self.cache.reset_rows([len(self.active)])
         request = seq.request
+        request.outputs[seq.index] = list(seq.tokens)
         if reason != "cancelled":
             _send(request, Event(seq.index, "" if error is None else error, seq.pending_logprobs,
                                  finish_reason=reason, completion_tokens=len(seq.tokens)))
@@ -402,6 +455,12 @@ class Engine:
             values, ids = torch.topk(logp, top)
             entry["top"] = [(int(i), float(v)) for v, i in zip(values, ids)]
         return entry
+
+
+@torch.inference_mode()
+def prefill_chunk(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Append the prompt tokens `ids` (1, S) after what the one-row `cache` holds; the next-token logits (V,)."""
+    return model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1].float()
 
 
 def _send(request: Request, event: Event) -> None:

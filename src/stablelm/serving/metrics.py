@@ -28,10 +28,34 @@ class Metrics:
         self.ttft = Histogram("stablelm_time_to_first_token_seconds", "Time to first token", buckets=buckets,
                               registry=r)
         self.latency = Histogram("stablelm_request_latency_seconds", "Request latency", buckets=buckets, registry=r)
+        self.queue_time = Histogram("stablelm_queue_time_seconds", "Time from arrival to the start of prefill",
+                                    buckets=buckets, registry=r)
+        gaps = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+        self.token_gap = Histogram("stablelm_inter_token_latency_seconds", "Time between a sequence's tokens",
+                                   buckets=gaps, registry=r)
+        self.kv_rows = Gauge("stablelm_kv_cache_rows_used_ratio", "Share of the KV cache's rows in use (running "
+                             "sequences and prompts in prefill)", registry=r)
+        self.prefilling = Gauge("stablelm_prefilling_requests", "Requests whose prompt is being prefilled", registry=r)
+        self.prefix_bytes = Gauge("stablelm_prefix_cache_bytes", "Memory held by the prefix cache", registry=r)
+        self.prefix_lookups = Gauge("stablelm_prefix_cache_lookups", "Prompts looked up in the prefix cache",
+                                    registry=r)
+        self.prefix_hits = Gauge("stablelm_prefix_cache_hits", "Prompts that reused cached keys/values", registry=r)
+        self.prefix_tokens = Gauge("stablelm_prefix_cache_reused_tokens", "Prompt tokens not prefilled thanks to "
+                                   "the prefix cache", registry=r)
 
-    def observe_engine(self, batch_size: int, queue_depth: int) -> None:
-        self.batch_size.set(batch_size)
-        self.queue_depth.set(queue_depth)
+    def observe_engine(self, engine) -> None:
+        """After each engine round (in the engine's thread): its gauges and what it timed."""
+        self.batch_size.set(engine.batch_size)
+        self.queue_depth.set(engine.queue_depth)
+        self.prefilling.set(len(engine.prefilling))
+        self.kv_rows.set((engine.batch_size + sum(p.request.params.n for p in engine.prefilling)) / engine.max_batch)
+        if engine.prefix is not None:
+            self.prefix_bytes.set(engine.prefix.bytes)
+            self.prefix_lookups.set(engine.prefix.lookups)
+            self.prefix_hits.set(engine.prefix.hits)
+            self.prefix_tokens.set(engine.prefix.tokens_reused)
+        for kind, seconds in engine.observations:
+            (self.queue_time if kind == "queue" else self.token_gap).observe(seconds)
         self.steps.inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -126,12 +126,12 @@ class Service:
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_context: int | None = None, kv_cache_memory: int | None = None,
-               limits: Limits | None = None):
+               limits: Limits | None = None, prefill_chunk: int | None = 256):
     """The FastAPI app; its engine starts with it and stops (ending every open request) on shutdown."""
     from contextlib import asynccontextmanager
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                    kv_cache_memory=kv_cache_memory)
+                    kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk)
     service = Service(tokenizer, model_name, api_key, limits or Limits(), engine)
 
     @asynccontextmanager
@@ -583,7 +583,8 @@ def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-          model_name: str | None = None, kv_cache_memory: int | None = None, request_timeout: float = 10.0,
+          model_name: str | None = None, kv_cache_memory: int | None = None, prefill_chunk: int | None = 256,
+          request_timeout: float = 10.0,
           allowed_host: list[str] | None = None, max_connections: int = 256, adapter: str | None = None,
           tp: int | None = None) -> None:
     """Load the model and run the server until interrupted (SIGINT / SIGTERM).
@@ -600,7 +601,8 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         _listen(host, port).close()  # a port in use is an error now, not in one of the processes
         options = dict(host=host, port=port, api_key=api_key, dtype=dtype, quantization=quantization,
                        max_batch=max_batch, max_queue=max_queue, max_context=max_context, model_name=model_name,
-                       kv_cache_memory=kv_cache_memory, request_timeout=request_timeout, allowed_host=allowed_host,
+                       kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk, request_timeout=request_timeout,
+                       allowed_host=allowed_host,
                        max_connections=max_connections, adapter=adapter, tp=tp)
         parallel.launch(tp, serve, model_path, **options)
         return
@@ -613,12 +615,13 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if not leader:  # rank 0 says when to stop (a Ctrl-C reaches every process of the terminal)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-               kv_cache_memory=kv_cache_memory).follow()
+               kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk).follow()
         return
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     allowed_hosts=allowed_hosts(host, allowed_host))
     app = create_app(model, tokenizer, model_name or str(model_path), api_key=api_key, max_batch=max_batch,
-                     max_queue=max_queue, max_context=max_context, kv_cache_memory=kv_cache_memory, limits=limits)
+                     max_queue=max_queue, max_context=max_context, kv_cache_memory=kv_cache_memory, limits=limits,
+                     prefill_chunk=prefill_chunk)
     engine = app.state.engine
     protocol = type("Guarded", (GuardedH11,), {"header_timeout": request_timeout, "max_connections": max_connections})
     shown = f"[{host}]" if ":" in host else host
