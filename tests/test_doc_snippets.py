@@ -47,17 +47,23 @@ def hub_home(tmp_path_factory):
     return home
 
 
-def run(snippet: str, home, library: str) -> str:
+def start(snippet: str, home, library: str) -> subprocess.Popen:
     code = snippet.replace("from transformers import", f"from {library} import").replace("DEVICE", '"cpu"')
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def output(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    return stdout
 
 
 @pytest.mark.parametrize("snippet", [PIPELINE_SNIPPET, AUTO_SNIPPET], ids=["pipeline", "auto"])
 def test_snippet_prints_the_reference_text(snippet, hub_home):
     transformers_or_skip()
-    ours = run(snippet, hub_home, "stablelm")
-    assert ours.startswith("Plants create energy through a process known as")
-    assert ours == run(snippet, hub_home, "transformers")
+    ours, reference = start(snippet, hub_home, "stablelm"), start(snippet, hub_home, "transformers")  # side by side
+    text = output(ours)
+    assert text.startswith("Plants create energy through a process known as")
+    assert text == output(reference)
