@@ -184,30 +184,3 @@ def test_temperature_and_repetition_penalty():
     assert torch.allclose(sampling.temperature(LOGITS, 2.0), LOGITS / 2)
     out = sampling.repetition_penalty(LOGITS, torch.tensor([[0, 3]]), 2.0)
     assert out.tolist() == [[1.0, 1.0, 0.0, -2.0, 3.0]]
-
-
-def test_decoding_over_a_long_16bit_cache_widens_attention_where_16bit_math_is_slow(monkeypatch):
-    """bf16 decoding over 64+ keys runs attention in fp32 on CPUs without 16-bit math (2x faster there);
-    forced on or off, the logits agree within bf16's rounding and greedy tokens are the same."""
-    from stablelm.models import model as model_module
-
-    config = stablelm.StableLmConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = stablelm.StableLmForCausalLM.from_config(config, seed=0, dtype=torch.bfloat16)
-    ids = torch.randint(3, 97, (1, 90), generator=torch.Generator().manual_seed(0))
-    calls = []
-    real = model_module._widen_for_decoding
-    monkeypatch.setattr(model_module, "_widen_for_decoding", lambda q, k: calls.append(real(q, k)) or calls[-1])
-    monkeypatch.setattr(model_module.kernels, "fast_16bit_matmul", lambda dtype: False)
-    results = {}
-    for widen_from in (64, 10**9):
-        monkeypatch.setattr(model_module, "WIDEN_FROM_KEYS", widen_from)
-        calls.clear()
-        with torch.no_grad():
-            out = model(ids, use_cache=True)
-            step = model(ids[:, -1:], past_key_values=out.past_key_values).logits.float()
-        results[widen_from] = step, model.generate(ids, max_new_tokens=8, do_sample=False)
-        assert any(calls) == (widen_from == 64)
-    (wide, wide_tokens), (narrow, narrow_tokens) = results[64], results[10**9]
-    assert torch.equal(wide_tokens, narrow_tokens)
-    assert (wide - narrow).abs().max() <= 0.05 * narrow.abs().max()

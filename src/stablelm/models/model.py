@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .. import kernels
 from .cache import KVCache
 from ..layers.fused import Fused
 from .config import StableLmConfig
@@ -120,8 +119,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     Returns (B, H, S, D).
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _widen_for_decoding(q, k):  # a few queries over a long 16-bit cache, on a CPU without 16-bit math
-        return attend(q.float(), k.float(), v.float(), mask, is_causal, implementation, dropout).to(q.dtype)
     if implementation == "flash_attention_2" and mask is None and q.is_cuda:
         from flash_attn import flash_attn_func
 
@@ -143,15 +140,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return torch.matmul(probs, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-
-
-WIDEN_FROM_KEYS = 64  # measured on the AVX2 EPYC: bf16 SDPA for 1 query costs 2.2x fp32's (widening included)
-# at 200 keys and 1.9x at 1,000, but less than fp32's at 20 keys; for prompts bf16 stays faster
-
-
-def _widen_for_decoding(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] <= 8
-            and k.shape[2] >= WIDEN_FROM_KEYS and not kernels.fast_16bit_matmul(q.dtype))
 
 
 class PerHeadLayerNorm(nn.Module):
