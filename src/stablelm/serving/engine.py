@@ -2,10 +2,10 @@
 
 A request is prefilled alone into a scratch cache, `prefill_chunk` tokens a round (each round is also a
 decode step of the running batch, so a long prompt does not stall the streams already running), then
-copied into free rows of the shared cache (one per `n`), and joins the running batch at the next step. A finished or cancelled sequence leaves at once:
-the last active row moves into its place, so the active rows are always 0..k-1 and each decode step
-is one forward over exactly those rows. Sampling, stop strings and the text hand-out are generate()'s
-own (stablelm.sampling, stablelm.streaming).
+copied into free rows of the shared cache (one per `n`), and joins the running batch at the next step.
+A finished or cancelled sequence leaves at once: the last active row moves into its place, so the active
+rows are always 0..k-1 and each decode step is one forward over exactly those rows. Sampling, stop strings
+and the text hand-out are generate()'s own (stablelm.sampling, stablelm.streaming).
 """
 
 from __future__ import annotations
