@@ -1,8 +1,9 @@
 """Continuous batching: one loop runs decode steps over every active sequence.
 
-A request is prefilled alone into a scratch cache, `prefill_chunk` tokens a round (each round is also a
-decode step of the running batch, so a long prompt does not stall the streams already running), then
-copied into free rows of the shared cache (one per `n`), and joins the running batch at the next step.
+A request is prefilled alone into a scratch cache, at most `prefill_chunk` prompt tokens a round over the
+prompts waiting (each round is also a decode step of the running batch, so a long prompt does not stall
+the streams already running), then copied into free rows of the shared cache (one per `n`), and joins the
+running batch at the next step.
 A finished or cancelled sequence leaves at once: the last active row moves into its place, so the active
 rows are always 0..k-1 and each decode step is one forward over exactly those rows. Sampling, stop strings
 and the text hand-out are generate()'s own (stablelm.sampling, stablelm.streaming).
@@ -287,8 +288,10 @@ class Engine:
         for job in [p for p in self.prefilling if p.request.serial in cancelled]:
             self.prefilling.remove(job)
             job.request.done.set()
-        if self.prefilling:
-            self._prefill_chunk()
+        budget = self.prefill_chunk  # prompt tokens this round, over as many prompts as it covers (None: all)
+        while self.prefilling and (budget is None or budget > 0):
+            used = self._prefill_chunk(budget)
+            budget = None if budget is None else budget - used
         if self.active:
             try:
                 self._step()
@@ -327,17 +330,19 @@ class Engine:
             log.exception("admitting a request failed")
             self._fail(request, f"generation failed: {e}")
 
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the oldest prompt in prefill; once the prompt is in, its sequences join the batch."""
+    def _prefill_chunk(self, budget: int | None) -> int:
+        """Up to `budget` more tokens (None: all) of the oldest prompt in prefill; once the prompt is in, its
+        sequences join the batch. Returns the tokens it took from the budget."""
         job = self.prefilling[0]
         request = job.request
         ids = request.prompt_ids
-        end = len(ids) if self.prefill_chunk is None else min(len(ids), job.done + self.prefill_chunk)
+        end = len(ids) if budget is None else min(len(ids), job.done + budget)
+        used = end - job.done
         try:
             logits = prefill_chunk(self.model, torch.tensor([ids[job.done:end]], device=self.model.device), job.scratch)
             job.done = end
             if end < len(ids):
-                return
+                return used
             self.prefilling.popleft()
             self._start(request, job.scratch, logits)
         except Exception as e:  # this request alone ends
@@ -347,6 +352,7 @@ class Engine:
             for seq in [s for s in self.active if s.request is request]:
                 self._finish(seq, "error", error=f"generation failed: {e}")
             self._fail(request, f"generation failed: {e}")
+        return used
 
     def _start(self, request: Request, scratch: KVCache, logits: torch.Tensor) -> None:
         """The prompt is in `scratch`: its n sequences take batch rows and their first tokens."""
