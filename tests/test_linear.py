@@ -299,3 +299,19 @@ def test_quantized_prompt_path_matches_decode_path(name, dtype):
     if module.workspace.buffer is not None:
         module.workspace.buffer.fill_(7)
     assert torch.equal(module(x).float(), many)
+
+
+@pytest.mark.parametrize("isa", native_levels())
+@pytest.mark.parametrize("name", ["int8-native", "int4-native"])
+def test_native_formats_decode_at_every_isa_level(name, isa):
+    """A native format's decode path at each level this CPU runs, whatever level it would pick itself (the
+    scalar level widens int4 activations to fp32, AVX2 and up round them to int8): the prompt path's numbers."""
+    skip_unless_runs(name, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    module = linear.FORMATS[name].from_weight(torch.randn(96, 128, generator=g))
+    module.isa = isa
+    x = torch.randn(40, 128, generator=g)
+    many = module(x)
+    few = torch.cat([module(rows) for rows in x.split(5)])
+    rounds = module.quantizes_activations and isa >= kernels.ISA_LEVELS.index("avx2")
+    assert (many - few).abs().max() <= (2e-2 if rounds else 1e-5) * few.abs().max()

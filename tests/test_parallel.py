@@ -176,10 +176,11 @@ def test_torchrun_generate_equals_one_process(capsys):
     assert main(command) == 0
     single = capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    split = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "stablelm",
-                            *command], capture_output=True, text=True, env=env, timeout=180)
+    split = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(parallel.free_port()), "-m", "stablelm", *command],
+                           capture_output=True, text=True, env=env, timeout=180)  # not 29500: it may be taken
     assert split.returncode == 0, split.stderr[-2000:]
-    assert single.strip() and split.stdout == single  # printed once, by rank 0
+    assert single.strip() and split.stdout == single, split.stderr[-2000:]  # printed once, by rank 0
 
 
 def test_server_with_tp_2_answers_the_openai_client(tmp_path):

@@ -369,31 +369,14 @@ def run(args) -> int:
     print(f"building the {args.shape} checkpoint (cached in {args.cache_dir}) ...", file=sys.stderr)
     ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
     if "llama.cpp" in impls:  # its GGUF file, converted once before anything is timed
-        subprocess.run([sys.executable, str(LLAMACPP_WORKER), "--checkpoint", str(ckpt), "--gguf-type",
-                        args.gguf_type or GGUF_TYPE[args.quantization], "--convert-only"], check=True)
+        subprocess.run(_worker_command("llama.cpp", args, ckpt, LLAMACPP_WORKER) + ["--convert-only"], check=True)
     if args.tp and args.tp > 1:
         impls.insert(1, f"stablelm-tp{args.tp}")
     runs: dict[str, list[dict]] = {name: [] for name in impls}
     bar = tqdm(total=args.repeats * len(impls), desc="bench", unit="run")
     for _ in range(args.repeats):
         for name in impls:
-            entry = ["-m", "stablelm.cli", "bench"] if name == "stablelm" else [str(workers.get(name))]
-            name_arg = name
-            if name.startswith("stablelm-tp"):
-                entry = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "-m", "stablelm.cli",
-                         "bench"]
-                name_arg = "stablelm"
-            cmd = [sys.executable, *entry, "--worker", name_arg, "--checkpoint", str(ckpt), "--dtype", args.dtype,
-                   "--quantization", args.quantization, "--decode-tokens", str(args.decode_tokens),
-                   "--prompt-lengths", *map(str, args.prompt_lengths), "--batch-sizes", *map(str, args.batch_sizes)]
-            if name == "llama.cpp":
-                cmd = [sys.executable, str(LLAMACPP_WORKER), "--checkpoint", str(ckpt), "--gguf-type",
-                       args.gguf_type or GGUF_TYPE[args.quantization], "--decode-tokens", str(args.decode_tokens),
-                       "--prompt-lengths", *map(str, args.prompt_lengths)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if args.linear_format and name.startswith("stablelm"):
-                cmd += ["--linear-format", args.linear_format]
+            cmd = _worker_command(name, args, ckpt, workers.get(name))
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} worker failed:\n{proc.stderr[-3000:]}")
@@ -408,6 +391,30 @@ def run(args) -> int:
     if args.chart:
         _chart(best, args, Path(args.chart))
     return 0
+
+
+def _worker_command(name: str, args, ckpt: Path, script: Path | None) -> list[str]:
+    """The command that measures implementation `name` once, in a fresh process (or processes, for stablelm-tpN)."""
+    if name == "llama.cpp":
+        cmd = [sys.executable, str(script), "--checkpoint", str(ckpt), "--gguf-type",
+               args.gguf_type or GGUF_TYPE[args.quantization], "--decode-tokens", str(args.decode_tokens),
+               "--prompt-lengths", *map(str, args.prompt_lengths)]
+    else:
+        if name == "stablelm":
+            entry = ["-m", "stablelm.cli", "bench"]
+        elif name.startswith("stablelm-tp"):
+            entry = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "-m", "stablelm.cli", "bench"]
+        else:
+            entry = [str(script)]
+        cmd = [sys.executable, *entry, "--worker", "stablelm" if name.startswith("stablelm") else name,
+               "--checkpoint", str(ckpt), "--dtype", args.dtype, "--quantization", args.quantization,
+               "--decode-tokens", str(args.decode_tokens), "--prompt-lengths", *map(str, args.prompt_lengths),
+               "--batch-sizes", *map(str, args.batch_sizes)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.linear_format and name.startswith("stablelm"):
+        cmd += ["--linear-format", args.linear_format]
+    return cmd
 
 
 def _machine(args) -> dict:
