@@ -10,7 +10,7 @@ import torch
 from conftest import TINY
 
 import stablelm
-from stablelm.serving.engine import Engine, Request, SamplingParams, plan_cache
+from stablelm.serving.engine import Engine, Request, SamplingParams, plan_pool
 
 
 class Collector:
@@ -65,14 +65,15 @@ def test_a_failing_sequence_ends_alone_in_the_engine(monkeypatch):
         monkeypatch.setattr(sampling, "choose", choose)
         (ra, a), (rb, bad), (rc, c) = run(greedy), run(SamplingParams(max_tokens=12, temperature=0.8, seed=1)), \
             run(greedy)
-        real_prefill = engine_module.prefill_chunk
+        real_forward = engine_module.forward
+        poison = tok.encode("O")[0]
 
-        def prefill(model, ids, *args):
-            if ids.shape[1] == 1:
+        def forward(model, ids, *args):  # any forward that holds the poisoned prompt fails
+            if int(ids[0, -1]) == poison:
                 raise RuntimeError("prefill exploded")
-            return real_prefill(model, ids, *args)
+            return real_forward(model, ids, *args)
 
-        monkeypatch.setattr(engine_module, "prefill_chunk", prefill)
+        monkeypatch.setattr(engine_module, "forward", forward)
         rd, d = run(greedy, tok.encode("O"))
         for req in (ra, rb, rc, rd):
             assert req.done.wait(60)
@@ -98,15 +99,15 @@ def test_shutdown_ends_every_open_request():
         assert req.done.is_set() and c.reasons() in (["error"], ["length"])
 
 
-def test_kv_cache_is_sized_from_a_memory_budget():
-
+def test_kv_cache_pool_is_sized_from_a_memory_budget():
     config = stablelm.StableLmConfig(**{**TINY, "max_position_embeddings": 2**22})
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    context, budget = plan_cache(config, torch.float32, 8, None, 2**30)
-    assert context == 2**30 // (per_token * 8) and budget == 2**30
-    assert plan_cache(config, torch.float32, 8, None, None)[0] * per_token * 8 <= (1 << 62)
+    context, budget, blocks = plan_pool(config, torch.float32, None, 2**30, block_size=16)
+    assert blocks == 2**30 // (per_token * 16) and context == blocks * 16 and budget == 2**30
+    assert plan_pool(config, torch.float32, None, None)[2] * per_token * 16 <= (1 << 62)
+    assert plan_pool(config, torch.float32, 1000, 2**30)[0] == 1000
     with pytest.raises(ValueError, match="over the budget"):
-        plan_cache(config, torch.float32, 8, 2**22, 2**20)
+        plan_pool(config, torch.float32, 2**22, 2**20)
 
 
 def run(engine, prompt_ids, params):
@@ -167,7 +168,7 @@ def test_prefix_reuse_gives_the_same_tokens_as_a_full_prefill():
     """A multi-turn chat: each turn's prompt is the previous prompt, its reply and a new line. With the prefix
     cache the engine prefills only the new part, and the greedy replies are those without it."""
     with_reuse, tok = _engine(max_batch=2)
-    without, _ = _engine(max_batch=2, prefix_cache_memory=0)
+    without, _ = _engine(max_batch=2, prefix_caching=False)
     try:
         replies = {}
         for engine in (with_reuse, without):
@@ -179,29 +180,36 @@ def test_prefix_reuse_gives_the_same_tokens_as_a_full_prefill():
                 history = history + tok.encode(c.text()) + tok.encode(f"\n\nROMEO:\nAnd {turn}\n\nJULIET:\n")
             replies[engine is with_reuse] = texts
         assert replies[True] == replies[False]
-        cache = with_reuse.prefix
-        assert cache.hits >= 3 and cache.tokens_reused > 3 * 16 and without.prefix is None
-        assert 0 < cache.bytes <= cache.max_bytes
+        pool = with_reuse.pool
+        assert pool.hits >= 3 and pool.tokens_reused > 3 * 16 and without.pool.hits == 0
+        assert pool.cached_blocks > 0 and without.pool.cached_blocks == 0
     finally:
         with_reuse.shutdown()
         without.shutdown()
 
 
-def test_prefix_cache_evicts_the_least_recently_used():
-    from stablelm.serving.prefix_cache import PrefixCache
+def test_pool_evicts_the_least_recently_used_cached_blocks():
+    from stablelm.serving.paged import BlockPool, BlockTable
 
-    model = stablelm.StableLmForCausalLM.from_config(stablelm.StableLmConfig(**TINY), seed=0)
-    source = stablelm.KVCache.for_model(model, 1, 40)
-    with torch.no_grad():
-        model(torch.arange(3, 43)[None], past_key_values=source)
-    one = sum(k[0, :, :20].numel() * 4 * 2 for k in source.keys)
-    cache = PrefixCache(max_bytes=2 * one)
-    for first in (3, 4, 5):
-        source.lengths[0] = 20
-        cache.store([first] + list(range(4, 23)), source, 0)
-    assert len(cache.entries) == 2 and cache.bytes == 2 * one
-    assert cache.longest([3] + list(range(4, 30)))[0] == 0  # evicted
-    assert cache.longest([5] + list(range(4, 30)))[0] == 20
+    pool = BlockPool(1, 4, 4, 1, 2)
+    tables = []
+    for first in (1, 2, 3):  # three sequences of one full block each
+        table = BlockTable(pool)
+        table.grow(4)
+        table.written([first, 7, 7, 7])
+        tables.append(table)
+    assert pool.available == 1 and pool.cached_blocks == 3
+    blocks = [table.blocks[0] for table in tables]
+    for table in tables:  # they finish in order: the first is the least recently used
+        table.free()
+    assert pool.available == 4 and pool.cached_blocks == 3
+    taken = [pool.allocate() for _ in range(2)]  # the free block, then the oldest cached one
+    assert blocks[0] in taken and pool.cached_blocks == 2 and pool.match([1, 7, 7, 7, 0]) == []
+    held = pool.match([3, 7, 7, 7, 0])
+    assert held == [blocks[2]] and pool.refs[blocks[2]] == 1 and pool.available == 1
+    assert pool.match([2, 7, 7, 7]) == []  # a prompt's last token is always prefilled
+    pool.release(held + taken)
+    pool.check_empty()
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16])
@@ -217,7 +225,7 @@ def test_chunked_prefill_gives_the_same_greedy_text(chunk):
             expected = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
             text = run(engine, ids, SamplingParams(max_tokens=10, temperature=0)).text()
             assert text == tok.decode(expected[0, len(ids):], skip_special_tokens=True), (chunk, extra)
-        assert engine.prefix.hits >= 1  # the later prompts started from the earlier ones' keys/values
+        assert engine.pool.hits >= 1  # the later prompts started from the earlier ones' keys/values
         assert engine.idle() and not engine.prefilling
     finally:
         engine.shutdown()
@@ -267,9 +275,46 @@ def test_engine_metrics_report_the_pool_prefix_hits_and_latencies():
         values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                   if line and not line.startswith("#")}
         assert values["stablelm_prefix_cache_hits"] == 1 and values["stablelm_prefix_cache_lookups"] == 2
-        assert values["stablelm_prefix_cache_reused_tokens"] >= 16 and values["stablelm_prefix_cache_bytes"] > 0
+        assert values["stablelm_prefix_cache_reused_tokens"] >= 16 and values["stablelm_prefix_cache_blocks"] > 0
         assert values["stablelm_queue_time_seconds_count"] == 2
         assert values["stablelm_inter_token_latency_seconds_count"] == 2 * 5  # 6 tokens each: 5 gaps
-        assert values["stablelm_kv_cache_rows_used_ratio"] == 0 and values["stablelm_prefilling_requests"] == 0
+        assert values["stablelm_kv_cache_blocks_used_ratio"] == 0 and values["stablelm_prefilling_requests"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_preemption_and_every_block_offset_give_generate_s_tokens():
+    """Six prompts of 5..10 tokens (every offset against blocks of 4) in a pool of 24 blocks that cannot hold
+    them all to the end: the newest sequences give their blocks back and are recomputed, prompts are
+    prefilled 7 tokens a round beside the decode steps, a seeded n=2 request forks a partial block, one
+    request is cancelled midway; every greedy text is generate()'s, and the pool ends empty."""
+    model = stablelm.AutoModelForCausalLM.from_pretrained(stablelm.demo_model_path())
+    tok = stablelm.AutoTokenizer.from_pretrained(stablelm.demo_model_path())
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    engine = Engine(model, tok, max_batch=8, kv_cache_memory=24 * 4 * per_token, block_size=4, prefill_chunk=7)
+    try:
+        base = tok.encode("ROMEO:\nWhat light through yonder window breaks?")
+        prompts = [base[:length] for length in range(5, 11)]
+        expected = [tok.decode(model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                              repetition_penalty=1.0)[0, len(ids):], skip_special_tokens=True)
+                    for ids in prompts]
+        greedy = [Request(ids, SamplingParams(max_tokens=16, temperature=0), Collector()) for ids in prompts]
+        sampled = Request(base[:9], SamplingParams(max_tokens=12, temperature=0.9, seed=3, n=2), Collector())
+        doomed = Request(base[:6], SamplingParams(max_tokens=200, temperature=0), Collector())
+        for request in greedy + [sampled, doomed]:
+            engine.submit(request)
+        while len(doomed.emit.events) < 3:
+            time.sleep(0.01)
+        doomed.cancel()
+        for request in greedy + [sampled, doomed]:
+            assert request.done.wait(60)
+        assert [r.emit.text() for r in greedy] == expected
+        assert sorted(e.index for e in sampled.emit.events if e.finish_reason) == [0, 1]
+        assert engine.preemptions > 0
+        deadline = time.time() + 5
+        while not engine.idle() and time.time() < deadline:
+            time.sleep(0.01)
+        engine.pool.check_empty()
     finally:
         engine.shutdown()

@@ -255,7 +255,7 @@ def test_native_kernels_refuse_bad_input():
     with pytest.raises(ValueError, match="columns"):
         kernels.gemv(torch.randn(1, 8), torch.randn(4, 16).bfloat16())
     with pytest.raises(ValueError, match="rows"):
-        kernels.gemv(torch.randn(9, 16), torch.randn(4, 16).bfloat16())
+        kernels.gemv(torch.randn(0, 16), torch.randn(4, 16).bfloat16())
     with pytest.raises(ValueError, match="scale"):
         kernels.gemv(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8))
     with pytest.raises(ValueError, match="float32"):
@@ -279,10 +279,10 @@ def test_int4_layout_of_torch_is_derived_not_assumed():
     assert torch.equal(module.values(), q)
 
 
-@pytest.mark.parametrize("name", formats_for("int8") + formats_for("int4"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_prompt_path_matches_decode_path(name, dtype):
-    """Many rows take the dequantize-and-matmul path, few rows the weight-only kernel: same numbers,
+@pytest.mark.parametrize("name,dtype", [("native", torch.bfloat16)] + [
+    (name, dtype) for name in formats_for("int8") + formats_for("int4") for dtype in (torch.float32, torch.bfloat16)])
+def test_prompt_path_matches_decode_path(name, dtype):
+    """Many rows take the convert-and-matmul path, few rows the weight-streaming kernel: same numbers,
     whatever the shared buffer held before."""
     skip_unless_runs(name, dtype)
     g = torch.Generator().manual_seed(0)
@@ -310,7 +310,7 @@ def test_native_formats_decode_at_every_isa_level(name, isa):
     g = torch.Generator().manual_seed(0)
     module = linear.FORMATS[name].from_weight(torch.randn(96, 128, generator=g))
     module.isa = isa
-    x = torch.randn(40, 128, generator=g)
+    x = torch.randn(module.native_rows + 1, 128, generator=g)
     many = module(x)
     few = torch.cat([module(rows) for rows in x.split(5)])
     rounds = module.quantizes_activations and isa >= kernels.ISA_LEVELS.index("avx2")

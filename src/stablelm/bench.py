@@ -64,14 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serving mode: aggregate tokens/s and time to first token of the continuous-batching "
                         "engine at --streams concurrent requests")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (serving)")
-    p.add_argument("--scenario", choices=["streams", "multi-turn", "long-prompt"], default="streams",
+    p.add_argument("--scenario", choices=["streams", "multi-turn", "long-prompt", "budget"], default="streams",
                    help="serving: aggregate tokens/s at --streams (streams); a chat resent every turn, with and "
                         "without the prefix cache (multi-turn); the running streams' token gaps while a long "
-                        "prompt is prefilled, chunked and whole (long-prompt)")
+                        "prompt is prefilled, chunked and whole (long-prompt); --streams[-1] streams with prompts "
+                        "of --prompt-lengths MIN..MAX tokens in a KV budget (budget)")
     p.add_argument("--turns", type=int, default=10, help="multi-turn: turns")
     p.add_argument("--turn-tokens", type=int, default=100, help="multi-turn: tokens per user turn and per reply")
     p.add_argument("--long-prompt-tokens", type=int, default=2000, help="long-prompt: its length")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="long-prompt: prompt tokens per engine round")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="long-prompt: prompt tokens per engine round (default: the engine's)")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="budget: KV cache bytes (default: a quarter of what one row per stream of the longest "
+                        "sequence needs)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/stablelm-bench"),
                    help="where the random-weight checkpoint is built once")
     p.add_argument("--json", default="bench.json", help="write the results here")
@@ -187,144 +192,6 @@ def measure(model, args, load_s: float) -> dict:
     return result
 
 
-def serving(args, ckpt: Path) -> dict:
-    """Aggregate decode throughput of the engine with N concurrent requests (greedy, 64-token prompts)."""
-    import threading
-
-    import torch
-
-    from .models.model import StableLmForCausalLM
-    from .serving.engine import Engine, Request, SamplingParams
-    from .training.train import train_tokenizer
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    quant = None if args.quantization == "none" else args.quantization
-    model = StableLmForCausalLM.from_pretrained(ckpt, dtype=args.dtype, quantization=quant,
-                                                linear_format=args.linear_format)
-    tokenizer = train_tokenizer(["only used to turn ids into text"], 300)  # the checkpoint has none
-    engine = Engine(model, tokenizer, max_batch=max(args.streams), max_context=128)
-    gen = torch.Generator().manual_seed(0)
-    results = {}
-    for streams in [1] + list(args.streams):  # the first round warms up
-        done = threading.Event()
-        tokens, ttft = [], []
-
-        def emit(event, req_box, streams=streams):  # runs on the engine thread: never block here
-            if event.finish_reason:
-                tokens.append(event.completion_tokens)
-                ttft.append(req_box[0].first_token_at - req_box[0].submitted)
-                if len(tokens) == streams:
-                    done.set()
-
-        start = time.perf_counter()
-        for _ in range(streams):
-            box: list = []
-            ids = torch.randint(5, model.config.vocab_size, (64,), generator=gen).tolist()
-            box.append(Request(ids, SamplingParams(max_tokens=args.decode_tokens, temperature=0),
-                               lambda e, b=box: emit(e, b)))
-            engine.submit(box[0])
-        done.wait()
-        wall = time.perf_counter() - start
-        results[f"streams_{streams}"] = {"aggregate_tok_s": sum(tokens) / wall, "mean_ttft_s": sum(ttft) / len(ttft),
-                                         "completion_tokens": sum(tokens), "wall_s": wall}
-    engine.shutdown()
-    return results
-
-
-def _serving_model(args, ckpt: Path):
-    import torch
-
-    from .models.model import StableLmForCausalLM
-    from .training.train import train_tokenizer
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    quant = None if args.quantization == "none" else args.quantization
-    model = StableLmForCausalLM.from_pretrained(ckpt, dtype=args.dtype, quantization=quant,
-                                                linear_format=args.linear_format)
-    return model, train_tokenizer(["only used to turn ids into text"], 300)  # the checkpoint has none
-
-
-def _complete(engine, ids: list[int], max_tokens: int) -> tuple[list, object]:
-    """Run one greedy request to the end: (its events with arrival times, the request)."""
-    from .serving.engine import Request, SamplingParams
-
-    events = []
-    request = Request(ids, SamplingParams(max_tokens=max_tokens, temperature=0),
-                      lambda e: events.append((time.perf_counter(), e)))
-    engine.submit(request)
-    request.done.wait()
-    return events, request
-
-
-def multi_turn(args, ckpt: Path) -> dict:
-    """A chat resent whole every turn (--turns turns of --turn-tokens user tokens and replies as long), with the
-    prefix cache and without: each turn's time to first token."""
-    import torch
-
-    from .serving.engine import Engine
-
-    model, tokenizer = _serving_model(args, ckpt)
-    context = args.turns * 2 * args.turn_tokens + 16
-    results = {}
-    for label, prefix_memory in (("prefix_cache", None), ("no_prefix_cache", 0)):
-        engine = Engine(model, tokenizer, max_batch=1, max_context=context, prefix_cache_memory=prefix_memory)
-        gen = torch.Generator().manual_seed(0)
-        history, ttft = [], []
-        for _ in range(args.turns):
-            history += torch.randint(5, model.config.vocab_size, (args.turn_tokens,), generator=gen).tolist()
-            _, request = _complete(engine, history, args.turn_tokens)
-            ttft.append(request.first_token_at - request.submitted)
-            history += request.outputs[0]  # the client sends the reply back with the next turn
-        engine.shutdown()
-        results[label] = {"ttft_s": ttft}
-    last = results["no_prefix_cache"]["ttft_s"][-1] / results["prefix_cache"]["ttft_s"][-1]
-    results["last_turn_speedup"] = last
-    return results
-
-
-def long_prompt(args, ckpt: Path) -> dict:
-    """--streams[-1] running streams, then a --long-prompt-tokens prompt arrives: the gaps between the running
-    streams' tokens (one per engine round) before it and while it is prefilled, chunked and whole."""
-    import statistics
-
-    import torch
-
-    from .serving.engine import Engine, Request, SamplingParams
-
-    model, tokenizer = _serving_model(args, ckpt)
-    streams = args.streams[-1]
-    results = {}
-    for label, chunk in (("chunked", args.prefill_chunk or 256), ("whole_prompts", None)):
-        engine = Engine(model, tokenizer, max_batch=streams + 1, max_context=args.long_prompt_tokens + 64,
-                        prefix_cache_memory=0, prefill_chunk=chunk)
-        rounds: list[float] = []  # each round is one decode step of every running stream
-        engine.on_step = lambda e: rounds.append(time.perf_counter()) if e.batch_size >= streams else None
-        gen = torch.Generator().manual_seed(0)
-        running = [Request(torch.randint(5, model.config.vocab_size, (16,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=args.long_prompt_tokens, temperature=0), lambda e: None)
-                   for _ in range(streams)]
-        for request in running:
-            engine.submit(request)
-        while len(rounds) < 8:
-            time.sleep(0.01)
-        long_ids = torch.randint(5, model.config.vocab_size, (args.long_prompt_tokens,), generator=gen).tolist()
-        arrived = time.perf_counter()
-        _, long_request = _complete(engine, long_ids, 1)
-        done = time.perf_counter()
-        for request in running:
-            request.cancel()
-        engine.shutdown()
-        before = [b - a for a, b in zip(rounds, rounds[1:]) if b < arrived]
-        during = [b - a for a, b in zip(rounds, rounds[1:]) if b > arrived and a < done]
-        results[label] = {"median_gap_s": statistics.median(before), "worst_gap_during_prefill_s": max(during),
-                          "long_prompt_ttft_s": long_request.first_token_at - long_request.submitted}
-        results[label]["worst_over_median"] = results[label]["worst_gap_during_prefill_s"] / \
-            results[label]["median_gap_s"]
-    return results
-
-
 def run(args) -> int:
     if args.worker:
         worker(args)
@@ -333,8 +200,10 @@ def run(args) -> int:
     print(f"CPU: {machine['cpu']} (torch capability {machine['torch_capability']}, native kernels "
           f"{machine['native_kernels']}); this library runs {machine['linear_format']} weights", file=sys.stderr)
     if args.serving and args.scenario != "streams":
+        from . import bench_serving
+
         ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
-        results = (multi_turn if args.scenario == "multi-turn" else long_prompt)(args, ckpt)
+        results = bench_serving.SCENARIOS[args.scenario](args, ckpt)
         for key, value in results.items():
             print(f"{key}: {json.dumps(value)}")
         Path(args.json).write_text(json.dumps({"shape": args.shape, "layers": args.layers, "dtype": args.dtype,
@@ -342,8 +211,10 @@ def run(args) -> int:
                                                "scenario": args.scenario, "serving": results}, indent=1))
         return 0
     if args.serving:
+        from . import bench_serving
+
         ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
-        results = serving(args, ckpt)
+        results = bench_serving.streams(args, ckpt)
         base = results["streams_1"]["aggregate_tok_s"]
         print(f"{'streams':>8}{'aggregate tok/s':>18}{'vs 1 stream':>13}{'mean TTFT s':>13}")
         for key, r in results.items():

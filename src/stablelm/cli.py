@@ -175,13 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     serve.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization")
-    serve.add_argument("--max-batch", type=_int_at_least(1), default=8, help="sequences decoded together (default 8)")
+    serve.add_argument("--max-batch", type=_int_at_least(1), default=8,
+                       help="sequences running at once, decoded together (default 8)")
     serve.add_argument("--max-queue", type=_int_at_least(0), default=64,
                        help="waiting requests before 429 (default 64)")
     serve.add_argument("--max-context", type=_int_at_least(2), default=None,
-                       help="cache length per sequence (default: the model's, shortened to fit --kv-cache-memory)")
+                       help="longest sequence, prompt and output (default: the model's, at most what the KV cache "
+                            "pool holds)")
     serve.add_argument("--kv-cache-memory", type=_size, default=None,
-                       help="memory for the KV cache, e.g. 2GiB (default: a quarter of the memory available)")
+                       help="memory for the KV cache pool, shared in blocks by every sequence and the prefix cache, "
+                            "e.g. 2GiB (default: a quarter of the memory available)")
+    serve.add_argument("--no-prefix-caching", action="store_true",
+                       help="do not reuse the keys/values of earlier requests that start with the same tokens")
     serve.add_argument("--prefill-chunk", type=_int_at_least(0), default=256,
                        help="prompt tokens prefilled per engine round, between decode steps of the running "
                             "streams, so a long prompt does not stall them (default 256; 0: whole prompts)")
@@ -299,7 +304,7 @@ def _serve(args) -> int:
           dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, model_name=args.model_name or (args.model or "stablelm-demo"),
           kv_cache_memory=args.kv_cache_memory, prefill_chunk=args.prefill_chunk or None,
-          request_timeout=args.request_timeout,
+          prefix_caching=not args.no_prefix_caching, request_timeout=args.request_timeout,
           allowed_host=args.allowed_host, max_connections=args.max_connections, adapter=args.adapter,
           tp=args.tp or (_world() if _world() > 1 else None))
     return 0

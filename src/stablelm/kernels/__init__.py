@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 ISA_LEVELS = ("scalar", "avx2", "avx512")
-MAX_ROWS = 8  # activation rows the native kernels keep in registers (kMaxRows in linear.cpp)
 _SOURCE = Path(__file__).with_name("linear.cpp")
 _lock = threading.Lock()
 
@@ -132,7 +131,7 @@ def fast_16bit_matmul(dtype: torch.dtype) -> bool:
 # The checks live here, before the call: an error raised inside the extension crossed the library boundary
 # as a crash on one machine (torch 2.11 + another libstdc++), so the C++ checks are only a last line.
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, isa: int = -1) -> torch.Tensor:
-    """x (M <= 8, K) float32 @ weight (N, K) bf16 / fp16 / int8 (times `scale` (N,) float32 per row) -> (M, N)
+    """x (M, K) float32 @ weight (N, K) bf16 / fp16 / int8 (times `scale` (N,) float32 per row) -> (M, N)
     float32, at ISA level `isa` (-1: the best this CPU has)."""
     _check_rows(x, weight.shape[1] if weight.dim() == 2 else -1)
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in (torch.bfloat16, torch.float16, torch.int8):
@@ -146,7 +145,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
               isa: int = -1) -> torch.Tensor:
-    """x (M <= 8, K) float32 @ int4 weights (see linear.cpp for the layout) -> (M, N) float32."""
+    """x (M, K) float32 @ int4 weights (see linear.cpp for the layout) -> (M, N) float32."""
     if packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError(f"gemv_int4: packed must be contiguous (N, K / 2) uint8, got {packed.dtype} {tuple(packed.shape)}")
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -161,7 +160,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
 
 def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
             group: int = 0, isa: int = -1) -> torch.Tensor:
-    """x (M <= 8, K) float32, rounded to int8 per block of 32 inputs (d = max|x| / 127), times int8 weights
+    """x (M, K) float32, rounded to int8 per block of 32 inputs (d = max|x| / 127), times int8 weights
     (N, K) with `scale` (N,), or packed int4 weights (N, K / 2) with `scale` and `offset` (N, K / group);
     products summed in integers per block. K must be a multiple of 32."""
     int4 = weight.dtype == torch.uint8
@@ -194,8 +193,8 @@ def _check_rows(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"native kernels: x must be a contiguous (M, K) float32 tensor, got {x.dtype} {tuple(x.shape)}")
     if x.shape[1] != k:
         raise ValueError(f"native kernels: x has {x.shape[1]} columns, the weight {k}")
-    if not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"native kernels: 1 to {MAX_ROWS} rows, got {x.shape[0]}")
+    if x.shape[0] < 1:
+        raise ValueError("native kernels: x has no rows")
 
 
 @functools.cache

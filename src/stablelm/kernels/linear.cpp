@@ -1,4 +1,5 @@
-// Weight-streaming matrix products for decoding on x86 CPUs: y (M, N) = x (M, K) W^T, M small (1..8).
+// Weight-streaming matrix products for decoding on x86 CPUs: y (M, N) = x (M, K) W^T, M small (a decode
+// batch, or a short prompt chunk beside it; the caller picks torch's dense path past its crossover).
 //
 // Batch-1 decoding reads every weight once per token, so its speed is bytes moved / memory bandwidth.
 // These kernels read the weight in its stored form (bf16, fp16, int8 per row, int4 in groups) and
@@ -30,8 +31,6 @@ namespace {
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 enum Kind { kBF16, kF16, kI8 };
-
-constexpr int64_t kMaxRows = 8;  // activation rows per call handled in registers
 
 int64_t best_isa() {
   __builtin_cpu_init();
@@ -434,7 +433,7 @@ void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "stablelm kernels: x must be a contiguous (M, K) float32 tensor");
   TORCH_CHECK(x.size(1) == k, "stablelm kernels: x has ", x.size(1), " columns, the weight ", k);
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "stablelm kernels: 1 to ", kMaxRows, " rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1, "stablelm kernels: x has no rows");
 }
 
 int64_t resolve_isa(int64_t isa) {

@@ -249,12 +249,14 @@ class Native16(LinearFormat):
             return "for bf16/fp16 weights only"
         return _native_unavailable(device)
 
+    native_rows = 128  # the dense path (weight converted, then fp32 GEMM) is faster from here (AVX2 EPYC)
+
     def _build(self, weight):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.isa = kernels.native_isa()
 
     def matmul(self, x):
-        if x.shape[0] <= kernels.MAX_ROWS:
+        if x.shape[0] <= self.native_rows:
             return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, None, self.isa)
         if kernels.fast_16bit_matmul(self.compute_dtype):
             return F.linear(x, self.weight)
@@ -312,6 +314,7 @@ class Int8Native(Int8Base):
     under the 99 % guard.)"""
 
     name = "int8-native"
+    native_rows = 64  # the dense path is as fast from here (AVX2 EPYC)
 
     @classmethod
     def unavailable(cls, dtype, device):
@@ -323,7 +326,7 @@ class Int8Native(Int8Base):
         self.isa = kernels.native_isa()
 
     def matmul(self, x):
-        if x.shape[0] <= kernels.MAX_ROWS:
+        if x.shape[0] <= self.native_rows:
             return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, self.scale32, self.isa)
         return self.prompt_matmul(x)
 
@@ -466,6 +469,7 @@ class Int4Native(Int4Base):
 
     name = "int4-native"
     quantizes_activations = True
+    native_rows = 128  # the dense path (weight unpacked, then fp32 GEMM) is faster from here (AVX2 EPYC)
 
     @classmethod
     def unavailable(cls, dtype, device):
@@ -489,7 +493,7 @@ class Int4Native(Int4Base):
         return out
 
     def matmul(self, x):
-        if x.shape[0] <= kernels.MAX_ROWS:
+        if x.shape[0] <= self.native_rows:
             if self.isa >= kernels.ISA_LEVELS.index("avx2"):  # int8 activations, integer dot products
                 return torch.ops.stablelm_kernels.gemv_q8(x.float().contiguous(), self.weight, self.scale32,
                                                           self.offset, self.group_size, self.isa)

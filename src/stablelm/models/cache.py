@@ -13,6 +13,8 @@ import torch
 class KVCache:
     """Keys (after RoPE) and values for every layer: `keys[layer]` is (B, H_kv, capacity, D)."""
 
+    paged = False  # the serving engine's block pool (stablelm.serving.paged) is the paged kind
+
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch_size, num_kv_heads, capacity, head_dim)

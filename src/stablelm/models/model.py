@@ -186,6 +186,9 @@ class StableLmAttention(nn.Module):
         if hasattr(self, "q_layernorm"):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None and cache.paged:  # the serving engine's block pool attends itself
+            out = cache.attend(self.layer_idx, q, k, v, self.attn_implementation)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         dropout = self.attention_dropout if self.training else 0.0
@@ -269,7 +272,10 @@ class StableLmModel(PreTrainedModel):
         if attention_mask is not None and attention_mask.shape[0] != b:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {b}")
 
-        if cache is not None:
+        paged = cache is not None and cache.paged
+        if paged:  # (1, T): the serving engine's scheduled sequences side by side; it knows their positions
+            position_ids, mask, is_causal = cache.positions, None, False
+        elif cache is not None:
             if cache.batch_size != b:
                 raise ValueError(f"the cache holds {cache.batch_size} rows, inputs have {b}")
             past = cache.get_seq_length() if cache.aligned else None
@@ -282,9 +288,10 @@ class StableLmModel(PreTrainedModel):
             key_valid = None
             if attention_mask is not None and not bool(attention_mask.all()):
                 key_valid = attention_mask.bool()
-        if position_ids is None:
-            position_ids = query_slots.expand(b, s)
-        mask, is_causal = _attention_mask(query_slots, key_valid, past if aligned else None, s)
+        if not paged:
+            if position_ids is None:
+                position_ids = query_slots.expand(b, s)
+            mask, is_causal = _attention_mask(query_slots, key_valid, past if aligned else None, s)
 
         cos, sin = self.rotary(position_ids, x.dtype)
         hidden_states = [x] if output_hidden_states else None
@@ -371,12 +378,15 @@ class StableLmForCausalLM(PreTrainedModel):
                 output_hidden_states: bool = False, cache=None) -> CausalLMOutput:
         """labels (B, S): next-token targets before the shift, -100 = ignored.
 
-        logits_to_keep: compute logits only for the last k positions (0 = all).
+        logits_to_keep: compute logits only for the last k positions (0 = all), or for the positions a 1-D
+        index tensor names.
         """
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_hidden_states, cache)
         h = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         if self.tp is not None:  # each rank computed its vocabulary rows

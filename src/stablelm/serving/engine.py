@@ -1,12 +1,13 @@
-"""Continuous batching: one loop runs decode steps over every active sequence.
+"""Continuous batching: one loop runs every active sequence, one forward a round.
 
-A request is prefilled alone into a scratch cache, at most `prefill_chunk` prompt tokens a round over the
-prompts waiting (each round is also a decode step of the running batch, so a long prompt does not stall
-the streams already running), then copied into free rows of the shared cache (one per `n`), and joins the
-running batch at the next step.
-A finished or cancelled sequence leaves at once: the last active row moves into its place, so the active
-rows are always 0..k-1 and each decode step is one forward over exactly those rows. Sampling, stop strings
-and the text hand-out are generate()'s own (stablelm.sampling, stablelm.streaming).
+Keys and values live in one pool of fixed-size blocks sized by a memory budget (stablelm.serving.paged);
+each sequence holds the blocks it has written, and full blocks stay cached by their token prefix, so a
+request that repeats an earlier start (a chat's history) prefills only what is new.
+Each round is one forward: a decode token for every running sequence and up to `prefill_chunk` tokens of
+the prompts waiting, side by side, so a long prompt does not stall the streams already running.
+When the pool runs out of blocks, the newest sequence gives its blocks back and is recomputed later.
+A finished or cancelled sequence leaves at once. Sampling, stop strings and the text hand-out are
+generate()'s own (stablelm.sampling, stablelm.streaming).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import sampling
-from ..generation.generate import decode_step
 from ..generation.streaming import IncrementalText, StopScanner
-from .prefix_cache import PrefixCache
-from ..models.cache import KVCache, kv_heads
+from ..models.cache import kv_heads
+from .paged import BLOCK_SIZE, BlockPool, BlockTable, PagedBatch, Segment
 
 log = logging.getLogger("stablelm.engine")
 
@@ -108,8 +108,8 @@ class Request:
 
 
 class _Sequence:
-    def __init__(self, request: Request, index: int, row: int, engine: Engine):
-        self.request, self.index, self.row = request, index, row
+    def __init__(self, request: Request, index: int, table: BlockTable, engine: Engine):
+        self.request, self.index, self.table = request, index, table
         self.tokens: list[int] = []
         self.text = IncrementalText(engine.tokenizer, request.params.stop)
         self.pending_logprobs: list[dict] = []
@@ -126,15 +126,21 @@ class _Sequence:
 
 @dataclass
 class _Prefill:
-    """A request whose prompt is being prefilled, `done` tokens so far, into its own scratch cache."""
+    """Tokens whose keys/values must be written before sampling goes on: a new request's prompt, or a
+    preempted sequence's prompt and output so far (`sequence` then resumes, nothing is sampled)."""
 
     request: Request
-    scratch: KVCache
-    done: int
+    ids: list[int]
+    table: BlockTable | None = None  # None while waiting for memory
+    sequence: _Sequence | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.request.serial, self.sequence.index if self.sequence is not None else -1
 
 
 class Engine:
-    """Owns the model, the shared cache and the decode loop (in a background thread).
+    """Owns the model, the block pool and the decode loop (in a background thread).
 
     Every submitted request ends with a finish event for each of its sequences, whatever happens: a
     failure while admitting or stepping one sequence ends that sequence alone, with an error event.
@@ -148,32 +154,31 @@ class Engine:
     HEARTBEAT = 10.0  # seconds: an idle rank 0 still sends a round, so the others' collectives never time out
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 kv_cache_memory: int | None = None, prefix_cache_memory: int | None = None,
-                 prefill_chunk: int | None = 256):
+                 kv_cache_memory: int | None = None, prefix_caching: bool = True, prefill_chunk: int | None = 256,
+                 block_size: int = BLOCK_SIZE):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
-        # A prompt is prefilled this many tokens per round, each round also a decode step for the running
-        # sequences, so a long prompt does not stall them (None: whole prompts at once).
+        # Prompt tokens per round, in the same forward as the running sequences' decode step, so a long
+        # prompt does not stall them (None: whole prompts at once).
         self.prefill_chunk = prefill_chunk
         self.prefilling: deque[_Prefill] = deque()
+        self.preempted: list[_Prefill] = []  # sequences and prompts that gave their blocks back, oldest first
+        self.preemptions = 0
         self.observations: list[tuple[str, float]] = []  # ("queue" | "token_gap", seconds), drained by on_step
         self.vocab_size = model.config.vocab_size
         self.tp = getattr(model, "tp", None)
-        self.context, self.kv_cache_memory = plan_cache(model.config, model.dtype, max_batch, max_context,
-                                                        kv_cache_memory, kv_heads(model))
+        plan = plan_pool(model.config, model.dtype, max_context, kv_cache_memory, kv_heads(model), block_size)
         if self.tp is not None:  # free memory differs between ranks; the plan (and so every decision) must not
-            self.context, self.kv_cache_memory = self.tp.share((self.context, self.kv_cache_memory))
-        self.cache = KVCache.for_model(model, max_batch, self.context)
-        # Finished sequences' keys/values for requests that repeat their start (default: a quarter of the budget).
-        prefix_bytes = self.kv_cache_memory // 4 if prefix_cache_memory is None else prefix_cache_memory
-        self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
+            plan = self.tp.share(plan)
+        self.context, self.kv_cache_memory, num_blocks = plan
+        self.pool = BlockPool.for_model(model, num_blocks, block_size, caching=prefix_caching)
         self.eos = set(model.config.eos_token_ids) | set(
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.no_eos = torch.empty(0, dtype=torch.long)
         self.waiting: deque[Request] = deque()
-        self.active: list[_Sequence] = []  # active[i].row == i
+        self.active: list[_Sequence] = []  # oldest first; the newest is preempted first
         self.lock = threading.Condition()
         self.running = True
         self.steps = 0
@@ -194,6 +199,9 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context is {self.context}")
         if request.params.n > self.max_batch:
             raise ValueError(f"n = {request.params.n} exceeds the batch size {self.max_batch}")
+        if self._blocks_for(len(ids), request.params.n) > self.pool.num_blocks:
+            raise ValueError(f"the prompt's {request.params.n} sequences do not fit the KV cache pool "
+                             f"({self.pool.num_blocks} blocks of {self.pool.block_size} tokens)")
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
@@ -207,14 +215,14 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.preempted)
 
     @property
     def batch_size(self) -> int:
         return len(self.active)
 
     def idle(self) -> bool:
-        return not self.active and not self.waiting and not self.prefilling
+        return not self.active and not self.waiting and not self.prefilling and not self.preempted
 
     def shutdown(self) -> None:
         """Stop the loop; every request still waiting or running ends with an error event."""
@@ -228,8 +236,10 @@ class Engine:
     def _end_all(self, message: str) -> None:
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
-        waiting = [p.request for p in self.prefilling] + waiting
+        for job in [*self.prefilling, *self.preempted]:
+            self._drop(job, message)
         self.prefilling.clear()
+        self.preempted.clear()
         for seq in list(self.active):
             self._finish(seq, "error", error=message)
         for request in waiting:
@@ -240,13 +250,13 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self.lock:
-                while self.running and not self.waiting and not self.active and not self.prefilling:
+                while self.running and self.idle():
                     if not self.lock.wait(timeout=self.HEARTBEAT if self.tp is not None else None):
                         break  # a tensor-parallel round with nothing in it
                 running = self.running
             starts = self._choose() if running else []
             cancelled = {seq.request.serial for seq in self.active if seq.request.cancelled} | \
-                {p.request.serial for p in self.prefilling if p.request.cancelled}
+                {p.request.serial for p in [*self.prefilling, *self.preempted] if p.request.cancelled}
             if self.tp is not None:
                 try:
                     self.tp.share((running, [(r.serial, r.prompt_ids, r.params) for r in starts], cancelled))
@@ -279,90 +289,221 @@ class Engine:
         return request
 
     def _round(self, starts: list[Request], cancelled: set[int]) -> None:
-        """Queue `starts` for prefill, drop `cancelled` requests, prefill one chunk of a prompt, then one
-        decode step."""
-        for request in starts:
-            self._admit(request)
+        """Drop `cancelled` requests, take back preempted work and `starts` where memory allows, then one
+        forward: a decode step of every running sequence and up to `prefill_chunk` prompt tokens."""
         for seq in [s for s in self.active if s.request.serial in cancelled]:
             self._finish(seq, "cancelled")
-        for job in [p for p in self.prefilling if p.request.serial in cancelled]:
-            self.prefilling.remove(job)
-            job.request.done.set()
-        budget = self.prefill_chunk  # prompt tokens this round, over as many prompts as it covers (None: all)
-        while self.prefilling and (budget is None or budget > 0):
-            used = self._prefill_chunk(budget)
-            budget = None if budget is None else budget - used
-        if self.active:
-            try:
-                self._step()
-            except Exception as e:  # the batched forward failed: every sequence in it ends
-                log.exception("decode step failed")
-                for seq in list(self.active):
-                    self._finish(seq, "error", error=f"generation failed: {e}")
+        for job in [p for p in [*self.prefilling, *self.preempted] if p.request.serial in cancelled]:
+            (self.prefilling if job in self.prefilling else self.preempted).remove(job)
+            self._drop(job, None)
+        while self.preempted and self._fits(self.preempted[0]):
+            self._resume(self.preempted.pop(0))
+        for request in starts:
+            self.observations.append(("queue", time.perf_counter() - request.submitted))
+            self._resume(_Prefill(request, request.prompt_ids))
+        if self.active or self.prefilling:
+            self._forward()
+
+    def _blocks_for(self, tokens: int, n: int) -> int:
+        """Blocks a prompt of `tokens` needs to start its n sequences (each with room for a first token)."""
+        size = self.pool.block_size
+        return -(-tokens // size) + n
+
+    def _promised(self) -> int:
+        """Blocks the prompts in prefill still need."""
+        return sum(self._blocks_for(len(job.ids), job.request.params.n if job.sequence is None else 1)
+                   - len(job.table.blocks) for job in self.prefilling)
+
+    def _fits(self, job: _Prefill) -> bool:
+        n = job.request.params.n if job.sequence is None else 1
+        rows = len(self.active) + sum(p.request.params.n if p.sequence is None else 1 for p in self.prefilling)
+        return rows + n <= self.max_batch and \
+            self._blocks_for(len(job.ids), n) <= self.pool.available - self._promised()
 
     def _choose(self) -> list[Request]:
-        """The waiting requests that start now: in order, while the batch has rows for their n sequences
-        (rows promised to requests still in prefill count as taken)."""
-        starts, free = [], self.max_batch - len(self.active) - sum(p.request.params.n for p in self.prefilling)
+        """The waiting requests that start now: in order, while the batch has rows for their n sequences and
+        the pool has blocks for their prompts, once every preempted sequence is back."""
+        starts = []
+        if self.preempted:
+            return starts
+        rows = self.max_batch - len(self.active) - sum(p.request.params.n if p.sequence is None else 1
+                                                       for p in self.prefilling)
+        blocks = self.pool.available - self._promised()
         with self.lock:
-            while self.waiting and free >= self.waiting[0].params.n:
-                request = self.waiting.popleft()
+            while self.waiting:
+                request = self.waiting[0]
                 if request.cancelled:
+                    self.waiting.popleft()
                     request.done.set()
                     continue
-                starts.append(request)
-                free -= request.params.n
+                n, need = request.params.n, self._blocks_for(len(request.prompt_ids), request.params.n)
+                if n > rows or need > blocks:
+                    break
+                starts.append(self.waiting.popleft())
+                rows, blocks = rows - n, blocks - need
         return starts
 
-    def _admit(self, request: Request) -> None:
-        """Set up `request`'s prefill: a scratch cache, filled from the prefix cache where it can be."""
+    def _resume(self, job: _Prefill) -> None:
+        """Start prefilling `job`: a block table that begins with the cached blocks of its longest prefix."""
         try:
-            self.observations.append(("queue", time.perf_counter() - request.submitted))
-            ids = request.prompt_ids
-            reused, entry = self.prefix.longest(ids) if self.prefix else (0, None)
-            scratch = KVCache.for_model(self.model, 1, max(len(ids), entry.capacity if entry is not None else 0))
-            if entry is not None:  # the first `reused` tokens' keys/values from an earlier sequence
-                scratch.copy_row(0, entry, 0)
-                scratch.lengths[0] = reused
-                scratch.valid[0, reused:] = False
-            self.prefilling.append(_Prefill(request, scratch, reused))
+            blocks = self.pool.match(job.ids)
+            job.table = BlockTable(self.pool, blocks, job.ids[:len(blocks) * self.pool.block_size])
+            self.prefilling.append(job)
         except Exception as e:  # this request alone ends
             log.exception("admitting a request failed")
-            self._fail(request, f"generation failed: {e}")
+            self._drop(job, f"generation failed: {e}")
 
-    def _prefill_chunk(self, budget: int | None) -> int:
-        """Up to `budget` more tokens (None: all) of the oldest prompt in prefill; once the prompt is in, its
-        sequences join the batch. Returns the tokens it took from the budget."""
-        job = self.prefilling[0]
-        request = job.request
-        ids = request.prompt_ids
-        end = len(ids) if budget is None else min(len(ids), job.done + budget)
-        used = end - job.done
+    def _preempt(self, job_or_seq) -> None:
+        """Give back the blocks of a running sequence or a prompt in prefill; it starts again (recomputing
+        what it had, most of it from the cached blocks if they are still there) once memory allows."""
+        self.preemptions += 1
+        if isinstance(job_or_seq, _Sequence):
+            seq = job_or_seq
+            self.active.remove(seq)
+            job = _Prefill(seq.request, seq.request.prompt_ids + seq.tokens[:-1], sequence=seq)
+            seq.table.free()
+        else:
+            job = job_or_seq
+            self.prefilling.remove(job)
+            job.table.free()
+            job.table = None
+        self.preempted.append(job)
+        self.preempted.sort(key=lambda j: j.order)
+
+    # -- one forward -------------------------------------------------------------------------
+    def _forward(self) -> None:
+        """Schedule a decode token for every running sequence (preempting the newest when the pool is
+        out of blocks) and prompt chunks within the budget, and run them as one forward."""
+        decode = []
+        queue = list(self.active)
+        while queue:
+            seq = queue.pop(0)
+            while seq.table.blocks_needed(1) > self.pool.available:
+                victim = queue.pop() if queue else (self.prefilling[-1] if self.prefilling else seq)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.table.grow(1)
+                decode.append(seq)
+        chunks = []
+        budget = self.prefill_chunk
+        for job in list(self.prefilling):
+            if budget == 0:
+                break
+            table = job.table
+            room = len(table.blocks) * self.pool.block_size - len(table) + self.pool.available * self.pool.block_size
+            n = min(len(job.ids) - len(table), room, budget if budget is not None else len(job.ids))
+            if n == 0:
+                break
+            table.grow(n)
+            chunks.append((job, n))
+            budget = None if budget is None else budget - n
+        if not decode and not chunks:
+            if self.prefilling:  # out of blocks with nothing running: the newest prompt steps back
+                self._preempt(self.prefilling[-1])
+            return
         try:
-            logits = prefill_chunk(self.model, torch.tensor([ids[job.done:end]], device=self.model.device), job.scratch)
-            job.done = end
-            if end < len(ids):
-                return used
-            self.prefilling.popleft()
-            self._start(request, job.scratch, logits)
-        except Exception as e:  # this request alone ends
-            log.exception("prefilling a request failed")
-            if self.prefilling and self.prefilling[0] is job:
-                self.prefilling.popleft()
-            for seq in [s for s in self.active if s.request is request]:
-                self._finish(seq, "error", error=f"generation failed: {e}")
-            self._fail(request, f"generation failed: {e}")
-        return used
+            logits = self._run(decode, chunks)
+        except Exception as e:
+            log.exception("a forward failed; running its parts apart to find which")
+            self._isolate(decode, chunks, e)
+            return
+        self._after(decode, chunks, logits)
 
-    def _start(self, request: Request, scratch: KVCache, logits: torch.Tensor) -> None:
-        """The prompt is in `scratch`: its n sequences take batch rows and their first tokens."""
-        for index in range(request.params.n):
-            row = len(self.active)
-            self.cache.copy_row(row, scratch, 0)
-            seq = _Sequence(request, index, row, self)
+    def _run(self, decode: list[_Sequence], chunks: list[tuple[_Prefill, int]]) -> torch.Tensor:
+        """One forward over `decode` (one token each) and `chunks`; logits (decode + finishing prompts, V)."""
+        segments, ids, keep = [], [], []
+        for seq in decode:
+            keep.append(len(ids))
+            segments.append(Segment(seq.table, len(seq.table), 1))
+            ids.append(seq.tokens[-1])
+        for job, n in chunks:
+            start = len(job.table)
+            segments.append(Segment(job.table, start, n))
+            ids.extend(job.ids[start:start + n])
+            if start + n == len(job.ids) and job.sequence is None:
+                keep.append(len(ids) - 1)
+        device = self.model.device
+        batch = PagedBatch(self.pool, segments)
+        return forward(self.model, torch.tensor([ids], device=device), batch, torch.tensor(keep, dtype=torch.long, device=device))
+
+    def _isolate(self, decode, chunks, error: Exception) -> None:
+        """After a failed forward: the decode step and each prompt chunk alone, so a failure ends only the
+        sequences whose own forward fails."""
+        parts = ([(decode, [])] if decode else []) + [([], [chunk]) for chunk in chunks]
+        for part_decode, part_chunks in parts if len(parts) > 1 else []:
+            try:
+                self._after(part_decode, part_chunks, self._run(part_decode, part_chunks))
+                continue
+            except Exception as e:  # noqa: BLE001 - this part alone ends
+                error = e
+            for seq in part_decode:
+                self._finish(seq, "error", error=f"generation failed: {error}")
+            for job, _ in part_chunks:
+                self.prefilling.remove(job)
+                self._drop(job, f"generation failed: {error}")
+        if len(parts) == 1:
+            for seq in decode:
+                self._finish(seq, "error", error=f"generation failed: {error}")
+            for job, _ in chunks:
+                self.prefilling.remove(job)
+                self._drop(job, f"generation failed: {error}")
+
+    def _after(self, decode, chunks, logits: torch.Tensor) -> None:
+        """Record what the forward wrote, sample the decode tokens, start the prompts that are in."""
+        self.steps += 1
+        for seq in decode:
+            seq.table.written([seq.tokens[-1]])
+        row = len(decode)
+        finished = []
+        for job, n in chunks:
+            start = len(job.table)
+            job.table.written(job.ids[start:start + n])
+            if len(job.table) == len(job.ids):
+                self.prefilling.remove(job)
+                if job.sequence is not None:  # a preempted sequence: its next token is already chosen
+                    job.sequence.table = job.table
+                    self.active.append(job.sequence)
+                else:
+                    finished.append((job, logits[row]))
+                    row += 1
+        for seq, row_logits in zip(decode, logits):
+            try:
+                self._take(seq, row_logits)
+            except Exception as e:  # this sequence alone ends
+                log.exception("sampling failed")
+                self._finish(seq, "error", error=f"generation failed: {e}")
+        for job, row_logits in finished:
+            self._start(job, row_logits)
+
+    def _start(self, job: _Prefill, logits: torch.Tensor) -> None:
+        """The prompt is in `job.table`: its n sequences join the batch and take their first tokens."""
+        request = job.request
+        tables = [job.table] + [job.table.fork() for _ in range(request.params.n - 1)]
+        for index, table in enumerate(tables):
+            seq = _Sequence(request, index, table, self)
             request.started += 1
             self.active.append(seq)
-            self._take(seq, logits)
+            try:
+                self._take(seq, logits)
+            except Exception as e:  # this sequence alone ends
+                log.exception("sampling failed")
+                self._finish(seq, "error", error=f"generation failed: {e}")
+
+    def _drop(self, job: _Prefill, message: str | None) -> None:
+        """End a prompt in prefill or waiting for memory: give back its blocks; `message` (None: cancelled)."""
+        if job.table is not None:
+            job.table.free()
+            job.table = None
+        if job.sequence is not None:
+            job.sequence.table = BlockTable(self.pool)
+            self.active.append(job.sequence)
+            self._finish(job.sequence, "error" if message else "cancelled", error=message)
+        elif message is None:
+            job.request.done.set()
+        else:
+            self._fail(job.request, message)
 
     def _fail(self, request: Request, message: str) -> None:
         """End the sequences of `request` that never started, with an error event each."""
@@ -372,21 +513,6 @@ class Engine:
         request.started = request.params.n
         if request.unfinished <= 0:
             request.done.set()
-
-    def _step(self) -> None:
-        rows = len(self.active)
-        tokens = torch.tensor([s.tokens[-1] for s in self.active], device=self.model.device)
-        positions = torch.tensor([self.cache.lengths[i] for i in range(rows)], device=self.model.device)
-        view = self.cache.narrow(rows)
-        logits = decode_step(self.model, tokens, positions, view)
-        self.cache.absorb(view)
-        self.steps += 1
-        for seq, row_logits in zip(list(self.active), logits):
-            try:
-                self._take(seq, row_logits)
-            except Exception as e:  # this sequence alone ends
-                log.exception("sampling failed")
-                self._finish(seq, "error", error=f"generation failed: {e}")
 
     # -- one sequence ------------------------------------------------------------------------
     def _take(self, seq: _Sequence, logits: torch.Tensor) -> None:
@@ -420,7 +546,7 @@ class Engine:
         if stopped:
             self._emit(seq, piece)
             self._finish(seq, "stop")
-        elif len(seq.tokens) >= params.max_tokens or self.cache.lengths[seq.row] + 1 >= self.context:
+        elif len(seq.tokens) >= params.max_tokens or len(seq.table) + 1 >= self.context:
             self._emit(seq, piece + seq.text.flush())
             self._finish(seq, "length")
         else:
@@ -432,19 +558,11 @@ class Engine:
             seq.pending_logprobs = []
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
-        """Leave the batch now: free the row by moving the last active row into it."""
+        """Leave the batch now; its full blocks stay cached for requests that repeat its tokens."""
         if seq not in self.active:
             return
-        if self.prefix is not None and reason in ("stop", "length"):
-            held = self.cache.lengths[seq.row]  # the last sampled token was never fed
-            self.prefix.store((seq.request.prompt_ids + seq.tokens)[:held], self.cache, seq.row)
-        last = self.active[-1]
-        if last is not seq:
-            self.cache.copy_row(seq.row, self.cache, last.row)
-            last.row = seq.row
-            self.active[seq.row] = last
-        self.active.pop()
-        self.cache.reset_rows([len(self.active)])
+        self.active.remove(seq)
+        seq.table.free()
         request = seq.request
         request.outputs[seq.index] = list(seq.tokens)
         if reason != "cancelled":
@@ -464,9 +582,10 @@ class Engine:
 
 
 @torch.inference_mode()
-def prefill_chunk(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Append the prompt tokens `ids` (1, S) after what the one-row `cache` holds; the next-token logits (V,)."""
-    return model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1].float()
+def forward(model, ids: torch.Tensor, batch: PagedBatch, keep: torch.Tensor) -> torch.Tensor:
+    """One forward of the scheduled tokens `ids` (1, T) through the pool; logits (len(keep), V) of the
+    tokens at the indices `keep`."""
+    return model(ids, past_key_values=batch, logits_to_keep=keep).logits[0].float()
 
 
 def _send(request: Request, event: Event) -> None:
@@ -477,32 +596,30 @@ def _send(request: Request, event: Event) -> None:
         log.debug("could not deliver an event", exc_info=True)
 
 
-def plan_cache(config, dtype: torch.dtype, max_batch: int, max_context: int | None,
-               kv_cache_memory: int | None, kv_heads: int | None = None) -> tuple[int, int]:
-    """(context, budget in bytes) for a `max_batch` x context KV cache that fits the memory budget.
+def plan_pool(config, dtype: torch.dtype, max_context: int | None, kv_cache_memory: int | None,
+              kv_heads: int | None = None, block_size: int = BLOCK_SIZE) -> tuple[int, int, int]:
+    """(context, budget in bytes, blocks) for a block pool that fits the memory budget.
 
     The budget (per process) defaults to a quarter of the memory available now, shared by the processes
-    of this machine. Without `max_context` the context is the model's, shortened to fit; a `max_context`
-    that does not fit is an error naming both numbers. kv_heads: the heads this process caches.
+    of this machine. The context is the model's, or `max_context`, and at most what the pool holds; a
+    `max_context` the pool cannot hold is an error naming both numbers. kv_heads: the heads this process
+    caches.
     """
     if kv_cache_memory is None:
         kv_cache_memory = available_memory() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
     per_token = 2 * config.num_hidden_layers * kv_heads * config.head_dim * dtype.itemsize
-    fits = kv_cache_memory // (per_token * max_batch)
-    model_context = config.max_position_embeddings
-    if max_context is not None:
-        context = min(max_context, model_context)
-        if context > fits:
-            raise ValueError(f"a KV cache of {max_batch} x {context} tokens needs "
-                             f"{_gib(per_token * max_batch * context)}, over the budget of {_gib(kv_cache_memory)}: "
-                             "lower --max-context or --max-batch, or raise --kv-cache-memory")
-    else:
-        context = min(model_context, fits)
+    blocks = kv_cache_memory // (per_token * block_size)
+    pool_tokens = blocks * block_size
+    context = min(config.max_position_embeddings, max_context or config.max_position_embeddings)
+    if max_context is not None and context > pool_tokens:
+        raise ValueError(f"one sequence of {context} tokens needs {_gib(per_token * context)} of KV cache, over "
+                         f"the budget of {_gib(kv_cache_memory)}: lower --max-context or raise --kv-cache-memory")
+    context = min(context, pool_tokens)
     if context < 2:
-        raise ValueError(f"the KV cache budget of {_gib(kv_cache_memory)} holds no useful context for "
-                         f"{max_batch} sequences: raise --kv-cache-memory or lower --max-batch")
-    return context, kv_cache_memory
+        raise ValueError(f"the KV cache budget of {_gib(kv_cache_memory)} holds no useful context "
+                         f"({per_token} bytes a token): raise --kv-cache-memory")
+    return context, kv_cache_memory, blocks
 
 
 def available_memory() -> int:

@@ -33,10 +33,13 @@ class Metrics:
         gaps = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
         self.token_gap = Histogram("stablelm_inter_token_latency_seconds", "Time between a sequence's tokens",
                                    buckets=gaps, registry=r)
-        self.kv_rows = Gauge("stablelm_kv_cache_rows_used_ratio", "Share of the KV cache's rows in use (running "
-                             "sequences and prompts in prefill)", registry=r)
+        self.kv_blocks = Gauge("stablelm_kv_cache_blocks_used_ratio", "Share of the KV cache pool's blocks held by "
+                               "running sequences and prompts in prefill", registry=r)
+        self.preemptions = Gauge("stablelm_preemptions", "Sequences that gave their blocks back to be recomputed",
+                                 registry=r)
         self.prefilling = Gauge("stablelm_prefilling_requests", "Requests whose prompt is being prefilled", registry=r)
-        self.prefix_bytes = Gauge("stablelm_prefix_cache_bytes", "Memory held by the prefix cache", registry=r)
+        self.prefix_blocks = Gauge("stablelm_prefix_cache_blocks", "Full blocks cached by their token prefix",
+                                   registry=r)
         self.prefix_lookups = Gauge("stablelm_prefix_cache_lookups", "Prompts looked up in the prefix cache",
                                     registry=r)
         self.prefix_hits = Gauge("stablelm_prefix_cache_hits", "Prompts that reused cached keys/values", registry=r)
@@ -48,12 +51,13 @@ class Metrics:
         self.batch_size.set(engine.batch_size)
         self.queue_depth.set(engine.queue_depth)
         self.prefilling.set(len(engine.prefilling))
-        self.kv_rows.set((engine.batch_size + sum(p.request.params.n for p in engine.prefilling)) / engine.max_batch)
-        if engine.prefix is not None:
-            self.prefix_bytes.set(engine.prefix.bytes)
-            self.prefix_lookups.set(engine.prefix.lookups)
-            self.prefix_hits.set(engine.prefix.hits)
-            self.prefix_tokens.set(engine.prefix.tokens_reused)
+        pool = engine.pool
+        self.kv_blocks.set(pool.used / pool.num_blocks)
+        self.preemptions.set(engine.preemptions)
+        self.prefix_blocks.set(pool.cached_blocks)
+        self.prefix_lookups.set(pool.lookups)
+        self.prefix_hits.set(pool.hits)
+        self.prefix_tokens.set(pool.tokens_reused)
         for kind, seconds in engine.observations:
             (self.queue_time if kind == "queue" else self.token_gap).observe(seconds)
         self.steps.inc()

@@ -126,12 +126,12 @@ class Service:
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_context: int | None = None, kv_cache_memory: int | None = None,
-               limits: Limits | None = None, prefill_chunk: int | None = 256):
+               limits: Limits | None = None, prefill_chunk: int | None = 256, prefix_caching: bool = True):
     """The FastAPI app; its engine starts with it and stops (ending every open request) on shutdown."""
     from contextlib import asynccontextmanager
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                    kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk)
+                    kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
     service = Service(tokenizer, model_name, api_key, limits or Limits(), engine)
 
     @asynccontextmanager
@@ -584,7 +584,7 @@ def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
           model_name: str | None = None, kv_cache_memory: int | None = None, prefill_chunk: int | None = 256,
-          request_timeout: float = 10.0,
+          prefix_caching: bool = True, request_timeout: float = 10.0,
           allowed_host: list[str] | None = None, max_connections: int = 256, adapter: str | None = None,
           tp: int | None = None) -> None:
     """Load the model and run the server until interrupted (SIGINT / SIGTERM).
@@ -601,8 +601,8 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         _listen(host, port).close()  # a port in use is an error now, not in one of the processes
         options = dict(host=host, port=port, api_key=api_key, dtype=dtype, quantization=quantization,
                        max_batch=max_batch, max_queue=max_queue, max_context=max_context, model_name=model_name,
-                       kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk, request_timeout=request_timeout,
-                       allowed_host=allowed_host,
+                       kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
+                       request_timeout=request_timeout, allowed_host=allowed_host,
                        max_connections=max_connections, adapter=adapter, tp=tp)
         parallel.launch(tp, serve, model_path, **options)
         return
@@ -615,18 +615,18 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if not leader:  # rank 0 says when to stop (a Ctrl-C reaches every process of the terminal)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-               kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk).follow()
+               kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching).follow()
         return
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     allowed_hosts=allowed_hosts(host, allowed_host))
     app = create_app(model, tokenizer, model_name or str(model_path), api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_context=max_context, kv_cache_memory=kv_cache_memory, limits=limits,
-                     prefill_chunk=prefill_chunk)
+                     prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
     engine = app.state.engine
     protocol = type("Guarded", (GuardedH11,), {"header_timeout": request_timeout, "max_connections": max_connections})
     shown = f"[{host}]" if ":" in host else host
-    log.info("KV cache: %d sequences x %d tokens (budget %.2f GiB)", max_batch, engine.context,
-             engine.kv_cache_memory / 2**30)
+    log.info("KV cache: %d blocks of %d tokens (budget %.2f GiB), up to %d sequences of up to %d tokens",
+             engine.pool.num_blocks, engine.pool.block_size, engine.kv_cache_memory / 2**30, max_batch, engine.context)
     config = uvicorn.Config(app, log_level="warning", http=protocol, timeout_graceful_shutdown=5,
                             timeout_keep_alive=5)
     server = uvicorn.Server(config)
