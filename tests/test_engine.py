@@ -188,30 +188,6 @@ def test_prefix_reuse_gives_the_same_tokens_as_a_full_prefill():
         without.shutdown()
 
 
-def test_pool_evicts_the_least_recently_used_cached_blocks():
-    from stablelm.serving.paged import BlockPool, BlockTable
-
-    pool = BlockPool(1, 4, 4, 1, 2)
-    tables = []
-    for first in (1, 2, 3):  # three sequences of one full block each
-        table = BlockTable(pool)
-        table.grow(4)
-        table.written([first, 7, 7, 7])
-        tables.append(table)
-    assert pool.available == 1 and pool.cached_blocks == 3
-    blocks = [table.blocks[0] for table in tables]
-    for table in tables:  # they finish in order: the first is the least recently used
-        table.free()
-    assert pool.available == 4 and pool.cached_blocks == 3
-    taken = [pool.allocate() for _ in range(2)]  # the free block, then the oldest cached one
-    assert blocks[0] in taken and pool.cached_blocks == 2 and pool.match([1, 7, 7, 7, 0]) == []
-    held = pool.match([3, 7, 7, 7, 0])
-    assert held == [blocks[2]] and pool.refs[blocks[2]] == 1 and pool.available == 1
-    assert pool.match([2, 7, 7, 7]) == []  # a prompt's last token is always prefilled
-    pool.release(held + taken)
-    pool.check_empty()
-
-
 @pytest.mark.parametrize("chunk", [1, 5, 16])
 def test_chunked_prefill_gives_the_same_greedy_text(chunk):
     """Prompts prefilled `chunk` tokens a round, at every offset against the chunk boundary, alone and on top
@@ -283,11 +259,19 @@ def test_engine_metrics_report_the_pool_prefix_hits_and_latencies():
         engine.shutdown()
 
 
-def test_preemption_and_every_block_offset_give_generate_s_tokens():
+@pytest.mark.parametrize("attention", ["native", "torch"])
+def test_preemption_and_every_block_offset_give_generate_s_tokens(attention, monkeypatch):
     """Six prompts of 5..10 tokens (every offset against blocks of 4) in a pool of 24 blocks that cannot hold
     them all to the end: the newest sequences give their blocks back and are recomputed, prompts are
     prefilled 7 tokens a round beside the decode steps, a seeded n=2 request forks a partial block, one
-    request is cancelled midway; every greedy text is generate()'s, and the pool ends empty."""
+    request is cancelled midway; every greedy text is generate()'s, and the pool ends empty. Decode attention
+    runs in the native kernel and in torch's fallback (gather, then masked attention)."""
+    from stablelm.serving import paged
+
+    if attention == "native" and paged.kernels.native_isa() is None:
+        pytest.skip("the native kernels are not built here")
+    if attention == "torch":
+        monkeypatch.setattr(paged.kernels, "native_isa", lambda: None)
     model = stablelm.AutoModelForCausalLM.from_pretrained(stablelm.demo_model_path())
     tok = stablelm.AutoTokenizer.from_pretrained(stablelm.demo_model_path())
     config = model.config

@@ -96,6 +96,9 @@ def test_every_available_format_runs_and_matches_fp32(ckpt, plain_fp32, name, dt
     assert (step - prompt).abs().max() <= same * prompt.abs().max() + (1e-4 if dtype == torch.float32 else 0)
     generated = model.generate(IDS, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, IDS.shape[1] + 5)
+    with torch.no_grad():  # a serving round whose prompt chunks need no logits
+        none = model(IDS, logits_to_keep=torch.zeros(0, dtype=torch.long)).logits
+    assert none.shape == (1, 0, model.config.vocab_size)
 
 
 @pytest.mark.parametrize("name", [n for n in formats_for(None) if not linear.FORMATS[n].dtypes])

@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turns", type=int, default=10, help="multi-turn: turns")
     p.add_argument("--turn-tokens", type=int, default=100, help="multi-turn: tokens per user turn and per reply")
     p.add_argument("--long-prompt-tokens", type=int, default=2000, help="long-prompt: its length")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="long-prompt: prompt tokens per engine round (default: the engine's)")
+    p.add_argument("--prefill-chunk", default="auto",
+                   help="long-prompt: prompt tokens per engine round, or auto (the engine's default)")
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="budget: KV cache bytes (default: a quarter of what one row per stream of the longest "
                         "sequence needs)")

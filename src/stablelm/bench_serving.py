@@ -87,10 +87,10 @@ def long_prompt(args, ckpt: Path) -> dict:
     model, tokenizer = _serving_model(args, ckpt)
     count = args.streams[-1]
     results = {}
-    chunked = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
-    for label, options in (("chunked", chunked), ("whole_prompts", {"prefill_chunk": None})):
+    chunk = args.prefill_chunk if args.prefill_chunk == "auto" else int(args.prefill_chunk)
+    for label, option in (("chunked", chunk), ("whole_prompts", None)):
         engine = Engine(model, tokenizer, max_batch=count + 1, max_context=args.long_prompt_tokens + 64,
-                        prefix_caching=False, **options)
+                        prefix_caching=False, prefill_chunk=option)
         rounds: list[float] = []  # each round is one decode step of every running stream
         engine.on_step = lambda e: rounds.append(time.perf_counter()) if e.batch_size >= count else None
         gen = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def long_prompt(args, ckpt: Path) -> dict:
         engine.shutdown()
         before = [b - a for a, b in zip(rounds, rounds[1:]) if b < arrived]
         during = [b - a for a, b in zip(rounds, rounds[1:]) if b > arrived and a < done]
-        result = results[label] = {"chunk": engine.prefill_chunk, "median_gap_s": statistics.median(before),
+        result = results[label] = {"chunk": engine.budget.chunk, "median_gap_s": statistics.median(before),
                                    "worst_gap_during_prefill_s": max(during),
                                    "long_prompt_ttft_s": long_request.first_token_at - long_request.submitted}
         result["worst_over_median"] = result["worst_gap_during_prefill_s"] / result["median_gap_s"]

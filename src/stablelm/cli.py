@@ -15,6 +15,10 @@ class CliError(Exception):
     """An error reported as one line on stderr, with exit status 1."""
 
 
+def _chunk(value: str) -> int | str:
+    return value if value == "auto" else _int_at_least(0)(value)
+
+
 def _int_at_least(low: int, high: int | None = None):
     def parse(value: str) -> int:
         try:
@@ -187,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. 2GiB (default: a quarter of the memory available)")
     serve.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse the keys/values of earlier requests that start with the same tokens")
-    serve.add_argument("--prefill-chunk", type=_int_at_least(0), default=256,
-                       help="prompt tokens prefilled per engine round, between decode steps of the running "
-                            "streams, so a long prompt does not stall them (default 256; 0: whole prompts)")
+    serve.add_argument("--prefill-chunk", type=_chunk, default="auto",
+                       help="prompt tokens prefilled per engine round, in the same forward as the running "
+                            "streams' decode step, so a long prompt does not stall them (default auto: as many as "
+                            "keep a round within 2 rounds of decode alone, measured; 0: whole prompts)")
     serve.add_argument("--request-timeout", type=_positive_float, default=10.0,
                        help="seconds a client has to send the request headers, and again the body (default 10)")
     serve.add_argument("--max-connections", type=_int_at_least(1), default=256,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 ISA_LEVELS = ("scalar", "avx2", "avx512")
-_SOURCE = Path(__file__).with_name("linear.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
 _lock = threading.Lock()
 
 
@@ -61,7 +61,7 @@ def native_ops():
 
             # No -march: each ISA level is compiled through a `target` attribute and picked at run time,
             # so one binary suits every x86-64 CPU and the cache needs no key per CPU.
-            cpp_extension.load(name="stablelm_kernels", sources=[str(_SOURCE)], is_python_module=False,
+            cpp_extension.load(name="stablelm_kernels", sources=[str(p) for p in _SOURCES], is_python_module=False,
                                extra_cflags=["-O3", "-fopenmp"], verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means the same: use torch's kernels
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -178,6 +178,46 @@ def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: 
         if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n * (groups or 1):
             raise ValueError(f"gemv_q8: {name} must be contiguous float32 with {n * (groups or 1)} values")
     return torch.ops.stablelm_kernels.gemv_q8(x, weight, scale, offset, group, _check_isa(isa))
+
+
+def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor,
+                    starts: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float,
+                    isa: int = -1) -> torch.Tensor:
+    """Attention over a block pool. q (T, H, D) float32: the query tokens of segment r (one sequence) at
+    starts[r]..starts[r+1]-1; keys/values (H_kv, slots, D) fp32/bf16/fp16, slot = block * block_size + offset;
+    blocks (segments, max_blocks) int64, each segment's blocks in order; lengths (T,) int64 >= 1, the
+    positions each token attends to. Returns (T, H, D) float32. isa: 0 scalar, >= 1 AVX2, -1 the best."""
+    t, h, d = q.shape if q.dim() == 3 else (None, None, None)
+    if t is None or q.dtype != torch.float32 or not q.is_contiguous():
+        raise ValueError(f"paged_attention: q must be a contiguous (T, H, D) float32 tensor, got {q.dtype} "
+                         f"{tuple(q.shape)}")
+    if keys.dim() != 3 or keys.shape != values.shape or keys.dtype != values.dtype or keys.shape[2] != d \
+            or h % keys.shape[0] or not (keys.is_contiguous() and values.is_contiguous()) \
+            or keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"paged_attention: keys/values must be contiguous (H_kv, slots, {d}) fp32/bf16/fp16 with "
+                         f"H_kv dividing {h}, got {keys.dtype} {tuple(keys.shape)} and {values.dtype} "
+                         f"{tuple(values.shape)}")
+    slots = keys.shape[1]
+    if block_size < 1 or slots % block_size:
+        raise ValueError(f"paged_attention: block_size {block_size} must divide the pool's {slots} slots")
+    if blocks.dim() != 2 or blocks.dtype != torch.long or not blocks.is_contiguous():
+        raise ValueError("paged_attention: blocks must be a contiguous (segments, max_blocks) int64 tensor")
+    segments = blocks.shape[0]
+    if starts.shape != (segments + 1,) or starts.dtype != torch.long or lengths.shape != (t,) \
+            or lengths.dtype != torch.long or int(starts[0]) != 0 or int(starts[-1]) != t \
+            or bool((starts.diff() < 0).any()):
+        raise ValueError(f"paged_attention: starts must be ({segments + 1},) int64 from 0 to {t}, not decreasing, "
+                         f"and lengths ({t},) int64")
+    segment = torch.repeat_interleave(torch.arange(segments), starts.diff())
+    used = -(-lengths // block_size)
+    if bool((lengths < 1).any()) or bool((used > blocks.shape[1]).any()):
+        raise ValueError(f"paged_attention: lengths must be >= 1 and within the table's {blocks.shape[1]} blocks")
+    named = blocks[segment][torch.arange(blocks.shape[1])[None] < used[:, None]]
+    if bool(((named < 0) | (named >= slots // block_size)).any()):
+        raise ValueError(f"paged_attention: a block outside the pool of {slots // block_size}")
+    _check_isa(min(max(isa, 0), 1))  # loads the extension; AVX2 is the kernel's top level
+    return torch.ops.stablelm_kernels.paged_attention(q, keys, values, blocks, starts.contiguous(),
+                                                      lengths.contiguous(), block_size, scale, isa)
 
 
 def quantize_blocks_reference(x: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,8 @@ class LinearFormat(nn.Module):
         shape = x.shape[:-1]
         if torch.compiler.is_compiling():  # torch.compile traces the plain product of the dense weight
             y = F.linear(x.reshape(-1, self.in_features).to(self.compute_dtype), self.traceable_weight())
+        elif x.numel() == 0:  # no rows (a serving round that needs no logits): no kernel call
+            y = x.new_zeros(0, self.out_features, dtype=self.compute_dtype)
         else:
             y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype))
         if self.bias is not None:

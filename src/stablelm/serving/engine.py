@@ -3,8 +3,10 @@
 Keys and values live in one pool of fixed-size blocks sized by a memory budget (stablelm.serving.paged);
 each sequence holds the blocks it has written, and full blocks stay cached by their token prefix, so a
 request that repeats an earlier start (a chat's history) prefills only what is new.
-Each round is one forward: a decode token for every running sequence and up to `prefill_chunk` tokens of
-the prompts waiting, side by side, so a long prompt does not stall the streams already running.
+Each round is one forward: a decode token for every running sequence and a budget of prompt tokens
+(`prefill_chunk`), side by side, so a long prompt does not stall the streams already running. By default
+the budget follows the measured cost of a prompt token, so that a round with prompt tokens takes at most
+`max_gap` times a round of decode alone (Sarathi-Serve's stall-free batching).
 When the pool runs out of blocks, the newest sequence gives its blocks back and is recomputed later.
 A finished or cancelled sequence leaves at once. Sampling, stop strings and the text hand-out are
 generate()'s own (stablelm.sampling, stablelm.streaming).
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from ..generation import sampling
 from ..generation.streaming import IncrementalText, StopScanner
 from ..models.cache import kv_heads
+from .budget import PrefillBudget
 from .paged import BLOCK_SIZE, BlockPool, BlockTable, PagedBatch, Segment
 
 log = logging.getLogger("stablelm.engine")
@@ -154,15 +157,14 @@ class Engine:
     HEARTBEAT = 10.0  # seconds: an idle rank 0 still sends a round, so the others' collectives never time out
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 kv_cache_memory: int | None = None, prefix_caching: bool = True, prefill_chunk: int | None = 256,
-                 block_size: int = BLOCK_SIZE):
+                 kv_cache_memory: int | None = None, prefix_caching: bool = True,
+                 prefill_chunk: int | str | None = "auto", max_gap: float = 2.0, block_size: int = BLOCK_SIZE):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
         # Prompt tokens per round, in the same forward as the running sequences' decode step, so a long
-        # prompt does not stall them (None: whole prompts at once).
-        self.prefill_chunk = prefill_chunk
+        # prompt does not stall them ("auto": as many as keep the round within max_gap decode rounds;
+        # None: whole prompts at once).
+        self.budget = PrefillBudget(prefill_chunk, max_gap)
         self.prefilling: deque[_Prefill] = deque()
         self.preempted: list[_Prefill] = []  # sequences and prompts that gave their blocks back, oldest first
         self.preemptions = 0
@@ -257,9 +259,11 @@ class Engine:
             starts = self._choose() if running else []
             cancelled = {seq.request.serial for seq in self.active if seq.request.cancelled} | \
                 {p.request.serial for p in [*self.prefilling, *self.preempted] if p.request.cancelled}
+            budget = self.budget.tokens(decoding=bool(self.active))
             if self.tp is not None:
                 try:
-                    self.tp.share((running, [(r.serial, r.prompt_ids, r.params) for r in starts], cancelled))
+                    self.tp.share((running, [(r.serial, r.prompt_ids, r.params) for r in starts], cancelled,
+                                   budget))
                 except RuntimeError as e:  # another rank is gone: nothing can run any more
                     log.error("a tensor-parallel process stopped (%s); the engine stops", str(e).splitlines()[0])
                     with self.lock:
@@ -269,7 +273,7 @@ class Engine:
                     return
             if not running:
                 return
-            self._round(starts, cancelled)
+            self._round(starts, cancelled, budget)
             if self.on_step:
                 self.on_step(self)
             self.observations.clear()
@@ -278,19 +282,19 @@ class Engine:
         """The loop of a tensor-parallel rank other than 0: run the rounds rank 0 sends until it stops."""
         torch.set_grad_enabled(False)
         while True:
-            running, starts, cancelled = self.tp.share()
+            running, starts, cancelled, budget = self.tp.share()
             if not running:
                 return
-            self._round([self._mirror(*start) for start in starts], cancelled)
+            self._round([self._mirror(*start) for start in starts], cancelled, budget)
 
     def _mirror(self, serial: int, prompt_ids: list[int], params: SamplingParams) -> Request:
         request = Request(prompt_ids, params, lambda event: None)  # rank 0 answers the client
         request.serial = serial
         return request
 
-    def _round(self, starts: list[Request], cancelled: set[int]) -> None:
+    def _round(self, starts: list[Request], cancelled: set[int], budget: int | None) -> None:
         """Drop `cancelled` requests, take back preempted work and `starts` where memory allows, then one
-        forward: a decode step of every running sequence and up to `prefill_chunk` prompt tokens."""
+        forward: a decode step of every running sequence and up to `budget` prompt tokens (None: all)."""
         for seq in [s for s in self.active if s.request.serial in cancelled]:
             self._finish(seq, "cancelled")
         for job in [p for p in [*self.prefilling, *self.preempted] if p.request.serial in cancelled]:
@@ -302,7 +306,7 @@ class Engine:
             self.observations.append(("queue", time.perf_counter() - request.submitted))
             self._resume(_Prefill(request, request.prompt_ids))
         if self.active or self.prefilling:
-            self._forward()
+            self._forward(budget)
 
     def _blocks_for(self, tokens: int, n: int) -> int:
         """Blocks a prompt of `tokens` needs to start its n sequences (each with room for a first token)."""
@@ -371,9 +375,9 @@ class Engine:
         self.preempted.sort(key=lambda j: j.order)
 
     # -- one forward -------------------------------------------------------------------------
-    def _forward(self) -> None:
+    def _forward(self, budget: int | None) -> None:
         """Schedule a decode token for every running sequence (preempting the newest when the pool is
-        out of blocks) and prompt chunks within the budget, and run them as one forward."""
+        out of blocks) and prompt chunks within `budget` tokens, and run them as one forward."""
         decode = []
         queue = list(self.active)
         while queue:
@@ -387,7 +391,6 @@ class Engine:
                 seq.table.grow(1)
                 decode.append(seq)
         chunks = []
-        budget = self.prefill_chunk
         for job in list(self.prefilling):
             if budget == 0:
                 break
@@ -404,7 +407,9 @@ class Engine:
                 self._preempt(self.prefilling[-1])
             return
         try:
+            start = time.perf_counter()
             logits = self._run(decode, chunks)
+            self.budget.observe(time.perf_counter() - start, len(decode), sum(n for _, n in chunks))
         except Exception as e:
             log.exception("a forward failed; running its parts apart to find which")
             self._isolate(decode, chunks, e)

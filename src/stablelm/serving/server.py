@@ -126,7 +126,7 @@ class Service:
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_context: int | None = None, kv_cache_memory: int | None = None,
-               limits: Limits | None = None, prefill_chunk: int | None = 256, prefix_caching: bool = True):
+               limits: Limits | None = None, prefill_chunk: int | str | None = "auto", prefix_caching: bool = True):
     """The FastAPI app; its engine starts with it and stops (ending every open request) on shutdown."""
     from contextlib import asynccontextmanager
 
@@ -583,7 +583,7 @@ def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-          model_name: str | None = None, kv_cache_memory: int | None = None, prefill_chunk: int | None = 256,
+          model_name: str | None = None, kv_cache_memory: int | None = None, prefill_chunk: int | str | None = "auto",
           prefix_caching: bool = True, request_timeout: float = 10.0,
           allowed_host: list[str] | None = None, max_connections: int = 256, adapter: str | None = None,
           tp: int | None = None) -> None:
