@@ -138,6 +138,13 @@ def test_quantized_and_bf16_slices(world, folders, case):
         with torch.no_grad():
             want = model(IDS, attention_mask=MASK).logits.float()
         diff = (got[variant] - want).abs().max()
+        if model.model.layers[0].self_attn.o_proj.quantizes_activations:
+            # int4-native rounds activations to int8 per block: the all-reduce's other summation order can
+            # move a value across a rounding step (one quantum, ~1 % of the block's largest value) at a few
+            # positions, which the next layers carry on: 3 % of the largest logit here, the argmax kept
+            assert diff <= 0.05 * want.abs().max(), (variant, diff)
+            assert (got[variant].argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+            continue
         if tolerance is not None:  # int4 groups never straddle a slice: the same rounding as one process
             assert diff <= tolerance, (variant, diff)
         else:  # int8 scales rows of o_proj / down_proj per slice; bf16 rounds each rank's partial sum

@@ -331,7 +331,7 @@ def test_serve_says_what_cache_it_chose(ckpt, tmp_path):
     try:
         s.stop()
         text = (tmp_path / "log").read_text()
-        assert "KV cache: 2 sequences x " in text and "budget 0.00 GiB" in text
+        assert "KV cache: 8 blocks of 16 tokens (budget 0.00 GiB), up to 2 sequences of up to 128 tokens" in text
     finally:
         s.stop()
 
