@@ -295,7 +295,7 @@ def test_preemption_and_every_block_offset_give_generate_s_tokens(attention, mon
             assert request.done.wait(60)
         assert [r.emit.text() for r in greedy] == expected
         assert sorted(e.index for e in sampled.emit.events if e.finish_reason) == [0, 1]
-        assert engine.preemptions > 0
+        assert engine.preemptions > 0 and engine.pool.evictions > 0 and engine.pool.hits > 0
         deadline = time.time() + 5
         while not engine.idle() and time.time() < deadline:
             time.sleep(0.01)

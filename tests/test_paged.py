@@ -80,7 +80,8 @@ def test_pool_evicts_the_least_recently_used_cached_blocks():
         table.free()
     assert pool.available == 4 and pool.cached_blocks == 3
     taken = [pool.allocate() for _ in range(2)]  # the free block, then the oldest cached one
-    assert blocks[0] in taken and pool.cached_blocks == 2 and pool.match([1, 7, 7, 7, 0]) == []
+    assert blocks[0] in taken and pool.evictions == 1 and pool.cached_blocks == 2
+    assert pool.match([1, 7, 7, 7, 0]) == []
     held = pool.match([3, 7, 7, 7, 0])
     assert held == [blocks[2]] and pool.refs[blocks[2]] == 1 and pool.available == 1
     assert pool.match([2, 7, 7, 7]) == []  # a prompt's last token is always prefilled

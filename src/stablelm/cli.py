@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-chunk", type=_chunk, default="auto",
                        help="prompt tokens prefilled per engine round, in the same forward as the running "
                             "streams' decode step, so a long prompt does not stall them (default auto: as many as "
-                            "keep a round within 2 rounds of decode alone, measured; 0: whole prompts)")
+                            "keep a round within 1.8 rounds of decode alone, measured; 0: whole prompts)")
     serve.add_argument("--request-timeout", type=_positive_float, default=10.0,
                        help="seconds a client has to send the request headers, and again the body (default 10)")
     serve.add_argument("--max-connections", type=_int_at_least(1), default=256,

@@ -238,8 +238,8 @@ class Mkldnn(LinearFormat):
 @register
 class Native16(LinearFormat):
     """bf16/fp16 weights read as stored and widened to fp32 in registers (stablelm.kernels): the decode
-    path for CPUs without native 16-bit matmuls, at half the bytes of fp32 weights. Prompts convert the
-    weight into the shared buffer and multiply in fp32 there."""
+    path for CPUs without native 16-bit matmuls, at half the bytes of fp32 weights. Prompts past
+    `native_rows` rows convert the weight into the shared buffer and multiply in fp32 there."""
 
     name = "native"
     keeps_weight = True

@@ -14,10 +14,10 @@ from collections import deque
 
 class PrefillBudget:
     LIMIT = 512  # prompt tokens a round at most (its activations stay small)
-    FIRST = 16  # before any round with prompt tokens has been timed
+    FIRST = 8  # before any round with prompt tokens has been timed
     SAMPLES = 12  # recent rounds the fit uses: the fixed cost drifts as a prompt grows
 
-    def __init__(self, chunk: int | str | None = "auto", max_gap: float = 2.0):
+    def __init__(self, chunk: int | str | None = "auto", max_gap: float = 1.8):
         if chunk not in (None, "auto") and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive integer, 'auto' or None, got {chunk!r}")
         if not (isinstance(max_gap, (int, float)) and max_gap > 1):

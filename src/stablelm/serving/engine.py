@@ -158,7 +158,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
                  kv_cache_memory: int | None = None, prefix_caching: bool = True,
-                 prefill_chunk: int | str | None = "auto", max_gap: float = 2.0, block_size: int = BLOCK_SIZE):
+                 prefill_chunk: int | str | None = "auto", max_gap: float = 1.8, block_size: int = BLOCK_SIZE):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         # Prompt tokens per round, in the same forward as the running sequences' decode step, so a long
@@ -430,28 +430,23 @@ class Engine:
             if start + n == len(job.ids) and job.sequence is None:
                 keep.append(len(ids) - 1)
         device = self.model.device
-        batch = PagedBatch(self.pool, segments)
-        return forward(self.model, torch.tensor([ids], device=device), batch, torch.tensor(keep, dtype=torch.long, device=device))
+        keep = torch.tensor(keep, dtype=torch.long, device=device)
+        return forward(self.model, torch.tensor([ids], device=device), PagedBatch(self.pool, segments), keep)
 
     def _isolate(self, decode, chunks, error: Exception) -> None:
         """After a failed forward: the decode step and each prompt chunk alone, so a failure ends only the
         sequences whose own forward fails."""
         parts = ([(decode, [])] if decode else []) + [([], [chunk]) for chunk in chunks]
-        for part_decode, part_chunks in parts if len(parts) > 1 else []:
-            try:
-                self._after(part_decode, part_chunks, self._run(part_decode, part_chunks))
-                continue
-            except Exception as e:  # noqa: BLE001 - this part alone ends
-                error = e
+        for part_decode, part_chunks in parts:
+            if len(parts) > 1:
+                try:
+                    self._after(part_decode, part_chunks, self._run(part_decode, part_chunks))
+                    continue
+                except Exception as e:  # noqa: BLE001 - this part alone ends
+                    error = e
             for seq in part_decode:
                 self._finish(seq, "error", error=f"generation failed: {error}")
             for job, _ in part_chunks:
-                self.prefilling.remove(job)
-                self._drop(job, f"generation failed: {error}")
-        if len(parts) == 1:
-            for seq in decode:
-                self._finish(seq, "error", error=f"generation failed: {error}")
-            for job, _ in chunks:
                 self.prefilling.remove(job)
                 self._drop(job, f"generation failed: {error}")
 

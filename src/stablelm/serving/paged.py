@@ -46,7 +46,7 @@ class BlockPool:
         self.free: deque[int] = deque(range(num_blocks))  # blocks holding nothing worth keeping
         self.cached: dict[bytes, int] = {}  # full blocks by the digest of the tokens up to their end
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, LRU first
-        self.lookups = self.hits = self.tokens_reused = 0
+        self.lookups = self.hits = self.tokens_reused = self.evictions = 0
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int = BLOCK_SIZE, caching: bool = True) -> BlockPool:
@@ -78,6 +78,7 @@ class BlockPool:
             block, _ = self.evictable.popitem(last=False)
             del self.cached[self.digest_of[block]]
             self.digest_of[block] = None
+            self.evictions += 1
         else:
             raise MemoryError("the KV cache pool has no block left")
         self.refs[block] = 1
