@@ -16,6 +16,7 @@ class PrefillBudget:
     LIMIT = 512  # prompt tokens a round at most (its activations stay small)
     FIRST = 8  # before any round with prompt tokens has been timed
     SAMPLES = 12  # recent rounds the fit uses: the fixed cost drifts as a prompt grows
+    TRUSTED = 4  # rounds timed before the fit is used
 
     def __init__(self, chunk: int | str | None = "auto", max_gap: float = 1.8):
         if chunk not in (None, "auto") and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
@@ -33,10 +34,11 @@ class PrefillBudget:
             return self.chunk
         if not decoding or self.decode_seconds is None:  # no stream to stall
             return self.LIMIT
-        if len(self.samples) < 2:
+        if len(self.samples) < self.TRUSTED:
             return self.FIRST
         fixed, per_token = self.fit()
         tokens = ((self.max_gap - 1) * self.decode_seconds - fixed) / per_token
+        tokens = min(tokens, 2 * max(c for c, _ in self.samples))  # a noisy fit may not jump far past what was timed
         self.rounds += 1
         if self.rounds % 2:  # every other round a quarter fewer: spread for the fit, never past the bound
             tokens *= 0.75
