@@ -107,11 +107,11 @@ def test_32_concurrent_streams_equal_solo_greedy(demo_server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     speakers = ["ROMEO", "JULIET", "HAMLET", "KING LEAR", "PORTIA", "FALSTAFF", "OTHELLO", "MACBETH"]
     prompts = [f"{speakers[i % 8]}:\n{'O ' * (i // 8)}What news" for i in range(32)]
-    solo = [greedy(client, p) for p in prompts]
+    solo = [greedy(client, p, n=16) for p in prompts]
     results = [None] * 32
 
     def run(i):
-        stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=24, temperature=0,
+        stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=16, temperature=0,
                                            stream=True)
         results[i] = "".join(c.choices[0].text for c in stream)
 

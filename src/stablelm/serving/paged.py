@@ -16,14 +16,14 @@ each query to its own sequence's slots.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-
-import math
 
 import torch
 
 from .. import kernels
+from ..models.cache import kv_heads
 from ..models.model import attend
 
 BLOCK_SIZE = 16
@@ -50,8 +50,7 @@ class BlockPool:
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int = BLOCK_SIZE, caching: bool = True) -> BlockPool:
-        from ..models.cache import kv_heads
-
+        """A pool shaped for `model` (its kv heads, or this rank's under tensor parallelism), in its dtype."""
         param = next(model.parameters())
         return cls(model.config.num_hidden_layers, num_blocks, block_size, kv_heads(model), model.config.head_dim,
                    param.dtype, param.device, caching)
@@ -126,9 +125,10 @@ class BlockPool:
 
     def check_empty(self) -> None:
         """Raise AssertionError unless every block is free or cached and unheld (after a soak)."""
-        assert all(r == 0 for r in self.refs), f"blocks still held: {sum(r > 0 for r in self.refs)}"
-        assert len(self.free) + len(self.evictable) == self.num_blocks
-        assert len(self.cached) == len(self.evictable)
+        held = sum(r > 0 for r in self.refs)
+        if held or len(self.free) + len(self.evictable) != self.num_blocks or len(self.cached) != len(self.evictable):
+            raise AssertionError(f"pool accounting: {held} blocks held, {len(self.free)} free, {len(self.evictable)} "
+                                 f"evictable, {len(self.cached)} cached, of {self.num_blocks}")
 
 
 def chain(parent: bytes, tokens: list[int]) -> bytes:
