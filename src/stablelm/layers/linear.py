@@ -244,14 +244,13 @@ class Native16(LinearFormat):
     name = "native"
     keeps_weight = True
     dtypes = (torch.bfloat16, torch.float16)
+    native_rows = 128  # the dense path (weight converted, then fp32 GEMM) is faster from here (AVX2 EPYC)
 
     @classmethod
     def unavailable(cls, dtype, device):
         if dtype not in cls.dtypes:
             return "for bf16/fp16 weights only"
         return _native_unavailable(device)
-
-    native_rows = 128  # the dense path (weight converted, then fp32 GEMM) is faster from here (AVX2 EPYC)
 
     def _build(self, weight):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
