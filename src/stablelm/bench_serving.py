@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .models.model import StableLmForCausalLM
-from .serving.engine import Engine, Request, SamplingParams
+from .serving.engine import Engine, Request, SamplingParams, kv_bytes_per_token
 from .training.train import train_tokenizer
 
 
@@ -123,9 +123,7 @@ def budget(args, ckpt: Path) -> dict:
     model, tokenizer = _serving_model(args, ckpt)
     count = args.streams[-1]
     low, high = min(args.prompt_lengths), max(args.prompt_lengths)
-    config = model.config
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
-    rows_need = count * (high + args.decode_tokens) * per_token
+    rows_need = count * (high + args.decode_tokens) * kv_bytes_per_token(model.config, model.dtype)
     memory = args.kv_cache_memory or rows_need // 4
     engine = Engine(model, tokenizer, max_batch=count, max_queue=count, max_context=high + args.decode_tokens,
                     kv_cache_memory=memory, prefix_caching=False)

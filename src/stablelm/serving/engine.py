@@ -141,6 +141,11 @@ class _Prefill:
     def order(self) -> tuple[int, int]:
         return self.request.serial, self.sequence.index if self.sequence is not None else -1
 
+    @property
+    def sequences(self) -> int:
+        """Batch rows it takes once in: the request's n, or the one preempted sequence."""
+        return self.request.params.n if self.sequence is None else 1
+
 
 class Engine:
     """Owns the model, the block pool and the decode loop (in a background thread).
@@ -315,14 +320,15 @@ class Engine:
 
     def _promised(self) -> int:
         """Blocks the prompts in prefill still need."""
-        return sum(self._blocks_for(len(job.ids), job.request.params.n if job.sequence is None else 1)
-                   - len(job.table.blocks) for job in self.prefilling)
+        return sum(self._blocks_for(len(job.ids), job.sequences) - len(job.table.blocks) for job in self.prefilling)
+
+    def _rows_free(self) -> int:
+        """Batch rows neither running nor promised to a prompt in prefill."""
+        return self.max_batch - len(self.active) - sum(job.sequences for job in self.prefilling)
 
     def _fits(self, job: _Prefill) -> bool:
-        n = job.request.params.n if job.sequence is None else 1
-        rows = len(self.active) + sum(p.request.params.n if p.sequence is None else 1 for p in self.prefilling)
-        return rows + n <= self.max_batch and \
-            self._blocks_for(len(job.ids), n) <= self.pool.available - self._promised()
+        return job.sequences <= self._rows_free() and \
+            self._blocks_for(len(job.ids), job.sequences) <= self.pool.available - self._promised()
 
     def _choose(self) -> list[Request]:
         """The waiting requests that start now: in order, while the batch has rows for their n sequences and
@@ -330,8 +336,7 @@ class Engine:
         starts = []
         if self.preempted:
             return starts
-        rows = self.max_batch - len(self.active) - sum(p.request.params.n if p.sequence is None else 1
-                                                       for p in self.prefilling)
+        rows = self._rows_free()
         blocks = self.pool.available - self._promised()
         with self.lock:
             while self.waiting:
@@ -469,11 +474,7 @@ class Engine:
                     finished.append((job, logits[row]))
                     row += 1
         for seq, row_logits in zip(decode, logits):
-            try:
-                self._take(seq, row_logits)
-            except Exception as e:  # this sequence alone ends
-                log.exception("sampling failed")
-                self._finish(seq, "error", error=f"generation failed: {e}")
+            self._take_or_end(seq, row_logits)
         for job, row_logits in finished:
             self._start(job, row_logits)
 
@@ -485,21 +486,23 @@ class Engine:
             seq = _Sequence(request, index, table, self)
             request.started += 1
             self.active.append(seq)
-            try:
-                self._take(seq, logits)
-            except Exception as e:  # this sequence alone ends
-                log.exception("sampling failed")
-                self._finish(seq, "error", error=f"generation failed: {e}")
+            self._take_or_end(seq, logits)
+
+    def _take_or_end(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """`_take`; a failure ends this sequence alone."""
+        try:
+            self._take(seq, logits)
+        except Exception as e:
+            log.exception("sampling failed")
+            self._finish(seq, "error", error=f"generation failed: {e}")
 
     def _drop(self, job: _Prefill, message: str | None) -> None:
         """End a prompt in prefill or waiting for memory: give back its blocks; `message` (None: cancelled)."""
         if job.table is not None:
             job.table.free()
             job.table = None
-        if job.sequence is not None:
-            job.sequence.table = BlockTable(self.pool)
-            self.active.append(job.sequence)
-            self._finish(job.sequence, "error" if message else "cancelled", error=message)
+        if job.sequence is not None:  # a preempted sequence: it ends as a running one would
+            self._close(job.sequence, "error" if message else "cancelled", error=message)
         elif message is None:
             job.request.done.set()
         else:
@@ -563,6 +566,10 @@ class Engine:
             return
         self.active.remove(seq)
         seq.table.free()
+        self._close(seq, reason, error)
+
+    def _close(self, seq: _Sequence, reason: str, error: str | None) -> None:
+        """Hand out a sequence's last event and count it off its request."""
         request = seq.request
         request.outputs[seq.index] = list(seq.tokens)
         if reason != "cancelled":
@@ -607,8 +614,7 @@ def plan_pool(config, dtype: torch.dtype, max_context: int | None, kv_cache_memo
     """
     if kv_cache_memory is None:
         kv_cache_memory = available_memory() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
-    per_token = 2 * config.num_hidden_layers * kv_heads * config.head_dim * dtype.itemsize
+    per_token = kv_bytes_per_token(config, dtype, kv_heads)
     blocks = kv_cache_memory // (per_token * block_size)
     pool_tokens = blocks * block_size
     context = min(config.max_position_embeddings, max_context or config.max_position_embeddings)
@@ -620,6 +626,12 @@ def plan_pool(config, dtype: torch.dtype, max_context: int | None, kv_cache_memo
         raise ValueError(f"the KV cache budget of {_gib(kv_cache_memory)} holds no useful context "
                          f"({per_token} bytes a token): raise --kv-cache-memory")
     return context, kv_cache_memory, blocks
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype, kv_heads: int | None = None) -> int:
+    """Bytes of keys and values one token takes over every layer (kv_heads: those this process caches)."""
+    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
+    return 2 * config.num_hidden_layers * kv_heads * config.head_dim * dtype.itemsize
 
 
 def available_memory() -> int:
