@@ -91,8 +91,10 @@ def test_every_available_format_runs_and_matches_fp32(ckpt, plain_fp32, name, dt
     # prompt and decode paths: fp32 accumulation in a different order, or (where the CPU multiplies 16-bit
     # natively) a 16-bit prompt matmul on a weight rounded to 16 bits, against fp32 widening for decode
     same = 1e-5 if dtype == torch.float32 else 0.04
-    if fmt.quantizes_activations:  # decoding rounds activations to int8 per block of 32: on this tiny random
-        same = 0.1                 # model up to 5.4 %; the demo's quality guard covers the decode path too
+    if fmt.activation_bits == 8:  # decoding rounds activations to int8 per block of 32: on this tiny random
+        same = 0.1                # model up to 5.4 %; the demo's quality guard covers the decode path too
+    elif fmt.activation_bits == 16:  # int16 per block of 128: a few parts in 1e5 of a block's largest value
+        same = max(same, 1e-3)
     assert (step - prompt).abs().max() <= same * prompt.abs().max() + (1e-4 if dtype == torch.float32 else 0)
     generated = model.generate(IDS, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, IDS.shape[1] + 5)
@@ -225,9 +227,11 @@ def test_native_int4_gemv_equals_torch(isa):
 @pytest.mark.parametrize("isa", native_levels())
 def test_native_q8_gemv_equals_torch(isa):
     """Activations rounded per block of 32 (the same rounding in torch), then the exact integer sums: the
-    kernel equals the float64 product of the rounded activations, for int8 and int4 weights."""
+    kernel equals the float64 product of the rounded activations, for int8 weights and for int4 weights with
+    fp32 or bf16 group scales and zero points (the zero points meet the exact activations)."""
     g = torch.Generator().manual_seed(0)
-    for m, n, k in [(1, 1, 64), (1, 37, 128), (2, 3, 32 * 7), (3, 64, 256), (8, 130, 192), (5, 17, 2048)]:
+    for m, n, k in [(1, 1, 64), (1, 37, 128), (2, 3, 32 * 7), (3, 64, 256), (8, 130, 192), (5, 17, 2048),
+                    (7, 9, 64 * 13)]:
         x = torch.randn(m, k, generator=g) * torch.rand(m, k // 32, 1, generator=g).repeat(1, 1, 32).view(m, k)
         x[0, :32] = 0  # an all-zero block
         rounded = kernels.quantize_blocks_reference(x).double()
@@ -236,20 +240,47 @@ def test_native_q8_gemv_equals_torch(isa):
         expected = rounded @ (w.double() * scale.double()[:, None]).T
         got = kernels.gemv_q8(x, w, scale, isa=isa)
         assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), ("int8", m, n, k)
-        for group in (32, 64, 96) if k % 96 == 0 else (32, 64):
+        for group in (32, 64, 96, 128):
             if k % group:
                 continue
-            q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-            s, o = torch.rand(n, k // group, generator=g), torch.randn(n, k // group, generator=g)
-            blocks = q.view(n, k // 32, 2, 16)
-            packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-            scaled = (q.double().view(n, -1, group) * s.double()[..., None]).view(n, k)
-            offsets = x.double().view(m, -1, group).sum(-1) @ o.double().T  # offsets meet the exact activations
-            expected = rounded @ scaled.T + offsets
-            got = kernels.gemv_q8(x, packed, s, o, group, isa=isa)
-            assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), ("int4", m, n, k, group)
+            for dtype in (torch.float32, torch.bfloat16):
+                q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+                s, z = torch.rand(n, k // group, generator=g).to(dtype), torch.randn(n, k // group, generator=g).to(dtype)
+                blocks = q.view(n, k // 32, 2, 16)
+                packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+                # w = (q - 8) s + z = q s + (z - 8 s): q s over the rounded activations, (z - 8 s) over the exact
+                scaled = (q.double().view(n, -1, group) * s.double()[..., None]).view(n, k)
+                offsets = x.double().view(m, -1, group).sum(-1) @ (z.double() - 8 * s.double()).T
+                expected = rounded @ scaled.T + offsets
+                got = kernels.gemv_q8(x, packed, s, z, group, isa=isa)
+                assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), \
+                    ("int4", m, n, k, group, dtype)
     with pytest.raises(ValueError, match="multiple of the 32-input block"):
         kernels.gemv_q8(torch.randn(1, 48), torch.zeros(4, 48, dtype=torch.int8), torch.ones(4), isa=isa)
+    with pytest.raises(ValueError, match="zero must be"):
+        kernels.gemv_q8(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1),
+                        torch.ones(4, 1).bfloat16(), 64, isa=isa)
+
+
+@pytest.mark.parametrize("isa", native_levels())
+def test_native_q16_gemv_equals_torch(isa):
+    """int8 weights against activations rounded to int16 per block of 128 (the last block shorter), the
+    products summed exactly: the kernel equals the float64 product of the rounded activations, on K that is
+    and is not a multiple of the block (K % 16 != 0 runs the scalar sums at every level)."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 1, 16), (1, 37, 128), (2, 3, 48), (3, 64, 256), (8, 130, 400), (5, 17, 2048),
+                    (4, 5, 1000), (6, 7, 37)]:
+        x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) ** 4 * 10
+        x[0, :16] = 0
+        rounded = kernels.quantize_blocks_reference(x, block=128, levels=32767).double()
+        w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g)
+        expected = rounded @ (w.double() * scale.double()[:, None]).T
+        got = kernels.gemv_q16(x, w, scale, isa=isa)
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), (m, n, k)
+        # and within the int16 rounding of the exact product
+        exact = x.double() @ (w.double() * scale.double()[:, None]).T
+        assert (got.double() - exact).abs().max() <= 1e-3 * exact.abs().max(), (m, n, k)
 
 
 def test_native_kernels_refuse_bad_input():
@@ -296,8 +327,8 @@ def test_prompt_path_matches_decode_path(name, dtype):
     many = module(x).float()
     few = torch.cat([module(row[None]) for row in x]).float()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: rounded in a different order
-    if module.quantizes_activations:  # decoding rounds activations to int8 per block of 32
-        tolerance = 2e-2
+    if module.activation_bits:  # decoding rounds activations to int8 per block of 32, or int16 per 128
+        tolerance = {8: 2e-2, 16: max(tolerance, 2e-4)}[module.activation_bits]
     assert (many - few).abs().max() <= tolerance * few.abs().max()
     if module.workspace.buffer is not None:
         module.workspace.buffer.fill_(7)
@@ -308,7 +339,8 @@ def test_prompt_path_matches_decode_path(name, dtype):
 @pytest.mark.parametrize("name", ["int8-native", "int4-native"])
 def test_native_formats_decode_at_every_isa_level(name, isa):
     """A native format's decode path at each level this CPU runs, whatever level it would pick itself (the
-    scalar level widens int4 activations to fp32, AVX2 and up round them to int8): the prompt path's numbers."""
+    scalar level widens activations to fp32, AVX2 and up round them to int8 for int4 weights, int16 for int8
+    weights): the prompt path's numbers."""
     skip_unless_runs(name, torch.float32)
     g = torch.Generator().manual_seed(0)
     module = linear.FORMATS[name].from_weight(torch.randn(96, 128, generator=g))
@@ -316,5 +348,5 @@ def test_native_formats_decode_at_every_isa_level(name, isa):
     x = torch.randn(module.native_rows + 1, 128, generator=g)
     many = module(x)
     few = torch.cat([module(rows) for rows in x.split(5)])
-    rounds = module.quantizes_activations and isa >= kernels.ISA_LEVELS.index("avx2")
-    assert (many - few).abs().max() <= (2e-2 if rounds else 1e-5) * few.abs().max()
+    rounds = module.activation_bits if isa >= kernels.ISA_LEVELS.index("avx2") else None
+    assert (many - few).abs().max() <= {None: 1e-5, 8: 2e-2, 16: 2e-4}[rounds] * few.abs().max()

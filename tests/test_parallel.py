@@ -138,7 +138,7 @@ def test_quantized_and_bf16_slices(world, folders, case):
         with torch.no_grad():
             want = model(IDS, attention_mask=MASK).logits.float()
         diff = (got[variant] - want).abs().max()
-        if model.model.layers[0].self_attn.o_proj.quantizes_activations:
+        if model.model.layers[0].self_attn.o_proj.activation_bits == 8:
             # int4-native rounds activations to int8 per block: the all-reduce's other summation order can
             # move a value across a rounding step (one quantum, ~1 % of the block's largest value) at a few
             # positions, which the next layers carry on: 3 % of the largest logit here, the argmax kept

@@ -158,11 +158,12 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
     return torch.ops.stablelm_kernels.gemv_int4(x, packed, scale, offset, group, _check_isa(isa))
 
 
-def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
             group: int = 0, isa: int = -1) -> torch.Tensor:
     """x (M, K) float32, rounded to int8 per block of 32 inputs (d = max|x| / 127), times int8 weights
-    (N, K) with `scale` (N,), or packed int4 weights (N, K / 2) with `scale` and `offset` (N, K / group);
-    products summed in integers per block. K must be a multiple of 32."""
+    (N, K) with `scale` (N,) float32, or packed int4 weights (N, K / 2) with `scale` and `zero` (N, K / group),
+    both float32 or both bfloat16, w = (q - 8) * scale + zero; products summed in integers per block, the
+    zero points against the exact activations. K must be a multiple of 32."""
     int4 = weight.dtype == torch.uint8
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in (torch.uint8, torch.int8):
         raise ValueError(f"gemv_q8: weight must be contiguous int8 (N, K) or packed int4 (N, K / 2) uint8, got "
@@ -172,12 +173,25 @@ def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: 
     if k % 32:
         raise ValueError(f"gemv_q8: K = {k} is not a multiple of the 32-input block")
     groups = k // group if int4 and group and not group % 32 and not k % group else None
-    if int4 and (groups is None or offset is None):
-        raise ValueError(f"gemv_q8: int4 weights need a group (multiple of 32 dividing K = {k}) and offsets")
-    for name, t in (("scale", scale), ("offset", offset if int4 else scale)):
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n * (groups or 1):
-            raise ValueError(f"gemv_q8: {name} must be contiguous float32 with {n * (groups or 1)} values")
-    return torch.ops.stablelm_kernels.gemv_q8(x, weight, scale, offset, group, _check_isa(isa))
+    if int4 and (groups is None or zero is None):
+        raise ValueError(f"gemv_q8: int4 weights need a group (multiple of 32 dividing K = {k}) and zero points")
+    dtypes = (torch.float32, torch.bfloat16) if int4 else (torch.float32,)
+    for name, t in (("scale", scale), ("zero", zero if int4 else scale)):
+        if t.dtype not in dtypes or t.dtype != scale.dtype or not t.is_contiguous() or t.numel() != n * (groups or 1):
+            raise ValueError(f"gemv_q8: {name} must be contiguous {' or '.join(map(str, dtypes))} (the scale's "
+                             f"dtype) with {n * (groups or 1)} values")
+    return torch.ops.stablelm_kernels.gemv_q8(x, weight, scale, zero, group, _check_isa(isa))
+
+
+def gemv_q16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int = -1) -> torch.Tensor:
+    """x (M, K) float32, rounded to int16 per block of 128 inputs (d = max|x| / 32767; the last block may be
+    shorter), times int8 weights (N, K) with `scale` (N,) float32; products summed in integers per block."""
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype != torch.int8:
+        raise ValueError(f"gemv_q16: weight must be contiguous int8 (N, K), got {weight.dtype} {tuple(weight.shape)}")
+    _check_rows(x, weight.shape[1])
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != weight.shape[0]:
+        raise ValueError(f"gemv_q16: scale must be contiguous float32 with {weight.shape[0]} values")
+    return torch.ops.stablelm_kernels.gemv_q16(x, weight, scale, _check_isa(isa))
 
 
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor,
@@ -220,12 +234,15 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
                                                       lengths.contiguous(), block_size, scale, isa)
 
 
-def quantize_blocks_reference(x: torch.Tensor) -> torch.Tensor:
-    """What gemv_q8 multiplies instead of x: each block of 32 rounded to int8 steps of max|x| / 127."""
-    blocks = x.view(x.shape[0], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return ((blocks * inverse).round() * (amax / 127.0)).view_as(x)
+def quantize_blocks_reference(x: torch.Tensor, block: int = 32, levels: int = 127) -> torch.Tensor:
+    """What gemv_q8 (block 32, levels 127) and gemv_q16 (block 128, levels 32767) multiply instead of x:
+    each block rounded to integer steps of max|x| / levels; the last block may be shorter."""
+    pieces = []
+    for part in x.split(block, dim=1):
+        amax = part.abs().amax(-1, keepdim=True)
+        inverse = torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
+        pieces.append((part * inverse).round() * (amax / levels))
+    return torch.cat(pieces, dim=1)
 
 
 def _check_rows(x: torch.Tensor, k: int) -> None:

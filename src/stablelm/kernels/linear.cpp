@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -297,22 +298,103 @@ AVX2 void int4_rows_avx2(const float* x, int64_t m, const uint8_t* w, const floa
   }
 }
 
-// ---- int8 activations (llama.cpp's trick): integer dot products over blocks of 32 inputs ------------------
-// Each activation row is rounded per block of 32 inputs to int8 with one fp32 step: x ~ d_b * xq. Then
-// sum_k w_k x_k = sum_b d_b * (scale . sum_{k in b} q_k xq_k) (+ offset_g * sum_{k in g} x_k for int4),
-// with the inner sums exact in int32 (AVX2: vpmaddubsw pairs of u8 x s8, vpmaddwd into int32).
-constexpr int64_t kBlock = 32;
+// ---- integer activations: integer dot products over blocks of inputs -----------------------------------
+// Each activation row is rounded per block to integers with one fp32 step: x ~ d_b * xq. Then
+// sum_k w_k x_k = sum_b d_b * (sum_{k in b} q_k xq_k) * (weight scale), the inner sums exact in int32.
+//   int4 weights x int8 activations (llama.cpp's Q4_0 x Q8_0 trick), blocks of 32: AVX2 vpmaddubsw pairs
+//     u8 x s8, vpmaddwd into int32.
+//   int8 weights x int16 activations, blocks of 128: vpmaddwd of s16 pairs. Rounding to 15 bits per block
+//     keeps more of each activation than its bf16 value had (int8 activations cost the int8 guard).
+constexpr int64_t kBlock = 32, kBlock16 = 128;
 
-// xq (M, K) int8, d (M, K / 32): d = max|x| / 127 over the block; xq = round-half-even(x * (127 / max|x|)).
-void quantize_blocks(const float* x, int64_t m, int64_t k, int8_t* xq, float* d) {
-  for (int64_t b = 0; b < m * k / kBlock; ++b) {
-    const float* v = x + b * kBlock;
-    float amax = 0.f;
-    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(v[j]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    d[b] = amax / 127.f;
-    for (int j = 0; j < kBlock; ++j) xq[b * kBlock + j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+// One block of 32 rounded to int8: d = max|x| / 127, xq = round-half-even(x * (127 / max|x|)); inputs 0-15
+// are written to `lo`, 16-31 to `hi`. Both levels round the same products the same way: equal results.
+inline float quantize_block_scalar(const float* v, int8_t* lo, int8_t* hi) {
+  float amax = 0.f;
+  for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(v[j]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int j = 0; j < 16; ++j) {
+    lo[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+    hi[j] = static_cast<int8_t>(std::nearbyint(v[16 + j] * inv));
   }
+  return amax / 127.f;
+}
+
+AVX2 inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+AVX2 inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
+
+AVX2 float quantize_block_avx2(const float* v, int8_t* lo, int8_t* hi) {
+  const __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
+               a3 = _mm256_loadu_ps(v + 24);
+  const float amax = hmax8(_mm256_max_ps(_mm256_max_ps(abs8(a0), abs8(a1)), _mm256_max_ps(abs8(a2), abs8(a3))));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  // cvtps rounds half to even (the default MXCSR mode), as nearbyint does; packs keep 128-bit lanes apart,
+  // so the 4-byte groups come out as [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | a0 4-7, ...] and are put back in order.
+  const __m256i w01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a0, inv)),
+                                         _mm256_cvtps_epi32(_mm256_mul_ps(a1, inv)));
+  const __m256i w23 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a2, inv)),
+                                         _mm256_cvtps_epi32(_mm256_mul_ps(a3, inv)));
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm256_castsi256_si128(b));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm256_extracti128_si256(b, 1));
+  return amax / 127.f;
+}
+
+AVX2 float sum_avx2(const float* v, int64_t len) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(v + i));
+  float total = hsum8(acc);
+  for (; i < len; ++i) total += v[i];
+  return total;
+}
+
+// The activations of one call, rounded once and shared by every thread.
+//   int8 (for int8 weights, and int4 at the scalar level): q (M, K) in input order, d (M, K / 32).
+//   int4 at AVX2 works on pairs of blocks (64 inputs, 32 weight bytes): one 32-byte load gives, after a mask
+//   and a shift, the low nibbles (inputs 0-15 of both blocks) and the high ones (inputs 16-31 of both), so
+//   the activations are laid out in that order and no weight is ever shuffled:
+//     q pair p: [block 2p 0-15 | block 2p+1 0-15 | block 2p 16-31 | block 2p+1 16-31]
+//     d pair p: [d_2p x 4 | d_2p+1 x 4], the steps of the 8 int32 sums vpmaddwd leaves (lane 0 | lane 1).
+//   sum (M, K / group): exact fp32 sums of the activations per weight group, for int4's zero points.
+struct Rounded8 {
+  at::Tensor q, d, sum;
+};
+
+Rounded8 round_int8(const at::Tensor& x, bool paired, int64_t group, bool avx2) {
+  const int64_t m = x.size(0), k = x.size(1), blocks = k / kBlock, groups = group ? k / group : 0;
+  Rounded8 out{at::empty({m, k}, x.options().dtype(at::kChar)), at::empty({m, paired ? blocks * 4 : blocks}, x.options()),
+               at::empty({m, groups}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  float *dp = out.d.data_ptr<float>(), *sp = out.sum.data_ptr<float>();
+  at::parallel_for(0, m, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* v = xp + r * k + b * kBlock;
+        int8_t* dst = qp + r * k + (paired ? (b / 2) * 64 + (b % 2) * 16 : b * kBlock);
+        int8_t* hi = dst + (paired ? 32 : 16);
+        const float d = avx2 ? quantize_block_avx2(v, dst, hi) : quantize_block_scalar(v, dst, hi);
+        if (paired) for (int j = 0; j < 4; ++j) dp[r * blocks * 4 + (b / 2) * 8 + (b % 2) * 4 + j] = d;
+        else dp[r * blocks + b] = d;
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* v = xp + r * k + g * group;
+        if (avx2) sp[r * groups + g] = sum_avx2(v, group);
+        else {
+          float total = 0.f;
+          for (int64_t j = 0; j < group; ++j) total += v[j];
+          sp[r * groups + g] = total;
+        }
+      }
+    }
+  });
+  return out;
 }
 
 // The int32 dot of one block: u (32 values 0..255, unsigned) with s (32 int8).
@@ -327,76 +409,73 @@ AVX2 inline __m256 dot_block_avx2(__m256i u, __m256i s) {  // 8 int32 partial su
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// int4 at AVX2 works on pairs of blocks (64 inputs, 32 bytes): one 32-byte load gives, after a mask and a
-// shift, the low nibbles (inputs 0-15 of both blocks) and the high ones (inputs 16-31 of both). The
-// activations are laid out once per call in that order (`pair_order`), so no weight is ever shuffled:
-//   xq pair p: [block 2p 0-15 | block 2p+1 0-15 | block 2p 16-31 | block 2p+1 16-31]
-//   dv pair p: [d_2p x 4 | d_2p+1 x 4], the steps of the 8 int32 sums vpmaddwd leaves (lane 0 | lane 1).
-void pair_order(const int8_t* xq, const float* d, int64_t m, int64_t k, int8_t* out, float* dv) {
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t p = 0; p < k / 64; ++p) {
-      const int8_t* src = xq + r * k + p * 64;
-      int8_t* dst = out + r * k + p * 64;
-      std::memcpy(dst, src, 16);
-      std::memcpy(dst + 16, src + 32, 16);
-      std::memcpy(dst + 32, src + 16, 16);
-      std::memcpy(dst + 48, src + 48, 16);
-      float* v = dv + (r * (k / 64) + p) * 8;
-      for (int j = 0; j < 4; ++j) { v[j] = d[r * (k / kBlock) + 2 * p]; v[4 + j] = d[r * (k / kBlock) + 2 * p + 1]; }
-    }
-  }
+// int4 group parameters (scale, zero) are fp32 or bf16: read as fp32.
+inline float param(const float* p, int64_t i) { return p[i]; }
+inline float param(const c10::BFloat16* p, int64_t i) { return float(p[i]); }
+AVX2 inline __m256 param8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 inline __m256 param8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-// MR activation rows x NR weight rows; PP pairs per group (1 for groups of 64, 2 for 128). Each pair's sum
-// is scaled by (group scale x activation steps) and added into one of two accumulators in turn, so
-// consecutive pairs do not wait on each other's add.
-template <int MR, int NR, int PP>
-AVX2 void int4_q8_tile_avx2(const int8_t* xq, const float* dv, const float* xsum, const uint8_t* w,
-                            const float* scale, const float* offset, float* y, int64_t row, int64_t n, int64_t k) {
-  const int64_t pairs = k / 64, groups = pairs / PP;
+// One pair of blocks of one weight row (wp: 32 bytes) against MR activation rows; s: the group's scale.
+// 15 * 127 * 2 * 2 < 2^15: the low and high halves add in int16 before vpmaddwd widens them.
+template <int MR>
+AVX2 __attribute__((always_inline)) inline void int4_pair_avx2(const uint8_t* wp, __m256 s, const int8_t* a,
+                                                              int64_t k, const float* dv, int64_t dstride,
+                                                              __m256 (&acc)[MR]) {
   const __m256i mask = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
-  __m256 acc[2][MR][NR];
-  for (int u = 0; u < 2; ++u)
-    for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < NR; ++c) acc[u][r][c] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t g = p / PP;
-    const int u = p & 1;
-    __m256i lo[NR], hi[NR];
-    __m256 s[NR];
-    for (int c = 0; c < NR; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (row + c) * k / 2 + p * 32));
-      lo[c] = _mm256_and_si256(v, mask);
-      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      s[c] = _mm256_broadcast_ss(scale + (row + c) * groups + g);
-    }
-    for (int r = 0; r < MR; ++r) {
-      const int8_t* a = xq + r * k + p * 64;
-      const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-      const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
-      const __m256 step = _mm256_loadu_ps(dv + (r * pairs + p) * 8);
-      for (int c = 0; c < NR; ++c) {  // 15 * 127 * 4 < 2^15: the two halves add in int16
-        const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], a_lo), _mm256_maddubs_epi16(hi[c], a_hi));
-        acc[u][r][c] = _mm256_fmadd_ps(_mm256_mul_ps(s[c], step), _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)),
-                                       acc[u][r][c]);
-      }
-    }
-  }
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
   for (int r = 0; r < MR; ++r) {
-    for (int c = 0; c < NR; ++c) {
-      float total = hsum8(_mm256_add_ps(acc[0][r][c], acc[1][r][c]));
-      const float* o = offset + (row + c) * groups;
-      for (int64_t g = 0; g < groups; ++g) total += o[g] * xsum[r * groups + g];
-      y[r * n + row + c] = total;
-    }
+    const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * k));
+    const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * k + 32));
+    const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_loadu_ps(dv + r * dstride)),
+                             _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)), acc[r]);
   }
 }
 
-template <int MR, int NR>
-AVX2 void int4_q8_avx2(const int8_t* xq, const float* dv, const float* xsum, const uint8_t* w, const float* scale,
-                       const float* offset, float* y, int64_t row, int64_t n, int64_t k, int64_t group) {
-  if (group == 64) int4_q8_tile_avx2<MR, NR, 1>(xq, dv, xsum, w, scale, offset, y, row, n, k);
-  else int4_q8_tile_avx2<MR, NR, 2>(xq, dv, xsum, w, scale, offset, y, row, n, k);
+// The PP pairs of one group into acc0 (PP = 2: the second into acc1), s: the group's scale in every lane.
+template <int MR, int PP>
+AVX2 __attribute__((always_inline)) inline void int4_group_avx2(const uint8_t* wrow, const int8_t* xq, const float* dv,
+                                                               int64_t g, __m256 s, int64_t k, int64_t dstride,
+                                                               __m256 (&acc0)[MR], __m256 (&acc1)[MR]) {
+  const int64_t p = g * PP;
+  int4_pair_avx2<MR>(wrow + p * 32, s, xq + p * 64, k, dv + p * 8, dstride, acc0);
+  if constexpr (PP == 2) int4_pair_avx2<MR>(wrow + p * 32 + 32, s, xq + p * 64 + 64, k, dv + p * 8 + 8, dstride, acc1);
+}
+
+// One int4 weight row against MR activation rows; PP pairs per group (1 for groups of 64, 2 for 128).
+// w = (q - 8) * scale + zero, so sum_k w_k x_k = sum_g scale_g (sum_{k in g} q_k x_k) + (zero_g - 8 scale_g) * sum_g x:
+// the first term in integers over the rounded activations, the second over their exact sums. Eight groups'
+// scales are read as one vector and each lane broadcast in registers (a round trip through memory stalls
+// on store forwarding); consecutive pairs add into two accumulators in turn, so neither waits on the other.
+template <int MR, int PP, typename P>
+AVX2 void int4_q8_row_avx2(const int8_t* xq, const float* dv, const float* xsum, const uint8_t* wrow, const P* srow,
+                           const P* zrow, float* y, int64_t n, int64_t k) {
+  const int64_t pairs = k / 64, groups = pairs / PP, dstride = pairs * 8;
+  const __m256 eight = _mm256_set1_ps(8.f);
+  __m256 acc0[MR], acc1[MR], off[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = off[r] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 s8 = param8(srow + g), z8 = _mm256_fnmadd_ps(eight, s8, param8(zrow + g));
+    for (int r = 0; r < MR; ++r) off[r] = _mm256_fmadd_ps(z8, _mm256_loadu_ps(xsum + r * groups + g), off[r]);
+#define STABLELM_GROUP(j, a, b) \
+    int4_group_avx2<MR, PP>(wrow, xq, dv, g + j, _mm256_permutevar8x32_ps(s8, _mm256_set1_epi32(j)), k, dstride, a, b)
+    STABLELM_GROUP(0, acc0, acc1); STABLELM_GROUP(1, acc1, acc0); STABLELM_GROUP(2, acc0, acc1);
+    STABLELM_GROUP(3, acc1, acc0); STABLELM_GROUP(4, acc0, acc1); STABLELM_GROUP(5, acc1, acc0);
+    STABLELM_GROUP(6, acc0, acc1); STABLELM_GROUP(7, acc1, acc0);
+#undef STABLELM_GROUP
+  }
+  float tail[MR] = {};
+  for (; g < groups; ++g) {
+    const float s = param(srow, g), z = param(zrow, g) - 8.f * s;
+    for (int r = 0; r < MR; ++r) tail[r] += z * xsum[r * groups + g];
+    int4_group_avx2<MR, PP>(wrow, xq, dv, g, _mm256_set1_ps(s), k, dstride, acc0, acc1);
+  }
+  for (int r = 0; r < MR; ++r) y[r * n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0[r], acc1[r]), off[r])) + tail[r];
 }
 
 // int8 weights are signed: |q| (unsigned) times xq with q's sign, as vpmaddubsw wants.
@@ -426,6 +505,84 @@ inline void over_rows(int64_t m, Tile1 one, Tile2 two, Tile4 four) {
     else if (m - r >= 2) { two(r); r += 2; }
     else { one(r); r += 1; }
   }
+}
+
+// ---- int16 activations for int8 weights ---------------------------------------------------------------
+// Blocks of 128 inputs (the last one shorter when K is not a multiple): d = max|x| / 32767,
+// xq = round-half-even(x * (32767 / max|x|)). At AVX2 every block's length is a multiple of 16.
+inline float quantize16_scalar(const float* v, int64_t len, int16_t* out) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < len; ++j) amax = std::max(amax, std::fabs(v[j]));
+  const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
+  return amax / 32767.f;
+}
+
+AVX2 float quantize16_avx2(const float* v, int64_t len, int16_t* out) {
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t j = 0; j < len; j += 8) m = _mm256_max_ps(m, abs8(_mm256_loadu_ps(v + j)));
+  const float amax = hmax8(m);
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  for (int64_t j = 0; j < len; j += 16) {
+    const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j), inv)),
+                                              _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j + 8), inv)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  return amax / 32767.f;
+}
+
+// One int8 weight row against MR int16 activation rows: int32 sums per block (|sum| < 128 * 127 * 32767 < 2^31).
+template <int MR>
+AVX2 void int8_q16_row_avx2(const int16_t* xq, const float* d, const int8_t* wrow, float scale, float* y, int64_t n,
+                            int64_t k) {
+  const int64_t blocks = (k + kBlock16 - 1) / kBlock16;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = std::min(k, (b + 1) * kBlock16);
+    __m256i sum0[MR], sum1[MR];
+    for (int r = 0; r < MR; ++r) sum0[r] = sum1[r] = _mm256_setzero_si256();
+    int64_t i = b * kBlock16;
+    for (; i + 32 <= end; i += 32) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i + 16)));
+      for (int r = 0; r < MR; ++r) {
+        const int16_t* a = xq + r * k + i;
+        sum0[r] = _mm256_add_epi32(sum0[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))));
+        sum1[r] = _mm256_add_epi32(sum1[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16))));
+      }
+    }
+    if (i < end) {  // 16 left
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i)));
+      for (int r = 0; r < MR; ++r)
+        sum0[r] = _mm256_add_epi32(sum0[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + i))));
+    }
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r * blocks + b]), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0[r], sum1[r])),
+                               acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) y[r * n] = scale * hsum8(acc[r]);
+}
+
+
+// One int4 weight row against MR activation rows, at the group size and parameter dtype of the call
+// (scale and zero point at the row's first group).
+template <int MR>
+inline void int4_row(bool bf16, int64_t group, const int8_t* xq, const float* dv, const float* xsum,
+                     const uint8_t* wrow, const void* scale, const void* zero, float* y, int64_t n, int64_t k) {
+  if (bf16) {
+    const auto *s = static_cast<const c10::BFloat16*>(scale), *z = static_cast<const c10::BFloat16*>(zero);
+    if (group == 64) int4_q8_row_avx2<MR, 1>(xq, dv, xsum, wrow, s, z, y, n, k);
+    else int4_q8_row_avx2<MR, 2>(xq, dv, xsum, wrow, s, z, y, n, k);
+  } else {
+    const auto *s = static_cast<const float*>(scale), *z = static_cast<const float*>(zero);
+    if (group == 64) int4_q8_row_avx2<MR, 1>(xq, dv, xsum, wrow, s, z, y, n, k);
+    else int4_q8_row_avx2<MR, 2>(xq, dv, xsum, wrow, s, z, y, n, k);
+  }
+}
+
+float param_at(const at::Tensor& t, int64_t i) {
+  return t.scalar_type() == at::kBFloat16 ? float(t.data_ptr<c10::BFloat16>()[i]) : t.data_ptr<float>()[i];
 }
 
 // ---- entry points --------------------------------------------------------------------------------
@@ -508,10 +665,11 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
-// The int8-activation products: x (M, K) fp32 is rounded per block of 32 (see quantize_blocks), K % 32 == 0.
-// int8: weight (N, K) int8, scale (N,) fp32. int4: packed, scale, offset as gemv_int4.
+// The int8-activation products: x (M, K) fp32 is rounded per block of 32 (see round_int8), K % 32 == 0.
+// int8: weight (N, K) int8, scale (N,) fp32. int4: packed as gemv_int4, scale and zero (N, K / group), both
+// fp32 or both bf16, w = (q - 8) * scale + zero.
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                   const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa) {
+                   const c10::optional<at::Tensor>& zero, int64_t group, int64_t isa) {
   const bool int4 = weight.scalar_type() == at::kByte;
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && (int4 || weight.scalar_type() == at::kChar),
               "stablelm kernels: gemv_q8 takes contiguous int8 (N, K) or packed int4 (N, K / 2) weights");
@@ -519,83 +677,122 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   check_x(x, k);
   TORCH_CHECK(k % kBlock == 0, "stablelm kernels: gemv_q8 needs K divisible by 32, got ", k);
   const int64_t groups = int4 ? k / group : 1;
-  TORCH_CHECK(!int4 || (group % kBlock == 0 && k % group == 0 && offset.has_value()),
-              "stablelm kernels: int4 needs a group that is a multiple of 32 dividing K, and offsets");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n * groups,
-              "stablelm kernels: gemv_q8 scale must be contiguous float32 with ", n * groups, " values");
+  TORCH_CHECK(!int4 || (group % kBlock == 0 && k % group == 0 && zero.has_value()),
+              "stablelm kernels: int4 needs a group that is a multiple of 32 dividing K, and zero points");
+  const auto pdtype = scale.scalar_type();
+  TORCH_CHECK((pdtype == at::kFloat || (int4 && pdtype == at::kBFloat16)) && scale.is_contiguous() &&
+                  scale.numel() == n * groups && (!int4 || (zero->scalar_type() == pdtype && zero->is_contiguous() &&
+                                                            zero->numel() == n * groups)),
+              "stablelm kernels: gemv_q8 scale (and int4 zero) must be contiguous float32 (or bf16 for int4) with ",
+              n * groups, " values");
   isa = resolve_isa(isa);
-  auto xq = at::empty({m, k}, x.options().dtype(at::kChar));
-  auto d = at::empty({m, k / kBlock}, x.options());
-  auto xsum = at::empty({m, groups}, x.options());
-  const float* xp = static_cast<float*>(x.data_ptr());
-  int8_t* qp = static_cast<int8_t*>(xq.data_ptr());
-  float *dp = static_cast<float*>(d.data_ptr()), *xs = static_cast<float*>(xsum.data_ptr());
-  quantize_blocks(xp, m, k, qp, dp);
-  const int64_t gsize = k / groups;
-  for (int64_t i = 0; i < m * groups; ++i) {  // exact sums, for int4's offsets
-    float total = 0.f;
-    for (int64_t j = 0; j < gsize; ++j) total += xp[i * gsize + j];
-    xs[i] = total;
-  }
-  auto y = at::empty({m, n}, x.options());
-  float* yp = static_cast<float*>(y.data_ptr());
-  const float* sp = static_cast<float*>(scale.data_ptr());
-  const float* op = int4 ? static_cast<float*>(offset->data_ptr()) : nullptr;
-  const int64_t blocks = k / kBlock;
   const bool fast4 = isa >= kAvx2 && int4 && (group == 64 || group == 128);
-  at::Tensor paired, dvec;
-  int8_t* pq = nullptr;
-  float* dvp = nullptr;
-  if (fast4) {
-    paired = at::empty({m, k}, x.options().dtype(at::kChar));
-    dvec = at::empty({m, k / 64, 8}, x.options());
-    pq = static_cast<int8_t*>(paired.data_ptr());
-    dvp = static_cast<float*>(dvec.data_ptr());
-    pair_order(qp, dp, m, k, pq, dvp);
-  }
-  const int64_t pairs = k / 64;
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    if (fast4) {  // one weight row at a time (two interleaved rows halve the streaming rate), up to 4 activation rows
-      const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+  const Rounded8 a = round_int8(x, fast4, int4 ? group : 0, isa >= kAvx2);
+  const int8_t* qp = a.q.data_ptr<int8_t>();
+  const float *dp = a.d.data_ptr<float>(), *xs = a.sum.data_ptr<float>();
+  auto y = at::empty({m, n}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = k / kBlock;
+  if (fast4) {  // one weight row at a time (interleaving rows costs streaming speed), up to 4 activation rows
+    const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+    const bool bf16 = pdtype == at::kBFloat16;
+    const char *sp = static_cast<const char*>(scale.data_ptr()), *zp = static_cast<const char*>(zero->data_ptr());
+    const int64_t pairs = k / 64, step = groups * scale.element_size();  // bytes of parameters a row
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        for (int64_t r = 0; r < m;) {
-          int8_t* a = pq + r * k;
-          float *dr = dvp + r * pairs * 8, *xr = xs + r * groups, *yr = yp + r * n;
-          const int64_t left = m - r;
-          if (left >= 4) { int4_q8_avx2<4, 1>(a, dr, xr, w, sp, op, yr, row, n, k, group); r += 4; }
-          else if (left >= 2) { int4_q8_avx2<2, 1>(a, dr, xr, w, sp, op, yr, row, n, k, group); r += 2; }
-          else { int4_q8_avx2<1, 1>(a, dr, xr, w, sp, op, yr, row, n, k, group); r += 1; }
-        }
+        const uint8_t* wrow = w + row * k / 2;
+        const char *s = sp + row * step, *z = zp + row * step;
+        over_rows(m, [&](int64_t r) { int4_row<1>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); },
+                     [&](int64_t r) { int4_row<2>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); },
+                     [&](int64_t r) { int4_row<4>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); });
       }
-      return;
-    }
+    });
+    return y;
+  }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       if (isa >= kAvx2 && !int4) {
+        const float* sp = scale.data_ptr<float>();
         const int8_t* w = static_cast<const int8_t*>(weight.data_ptr());
         over_rows(m, [&](int64_t r) { int8_q8_tile_avx2<1>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); },
                      [&](int64_t r) { int8_q8_tile_avx2<2>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); },
                      [&](int64_t r) { int8_q8_tile_avx2<4>(qp + r * k, dp + r * blocks, w, sp, yp + r * n, row, n, k); });
-      } else {  // scalar: the same integer sums, one block at a time
-        uint8_t values[kBlock];
-        for (int64_t r = 0; r < m; ++r) {
-          float total = 0.f;
-          for (int64_t b = 0; b < blocks; ++b) {
-            int32_t dot;
-            if (int4) {
-              const uint8_t* bytes = static_cast<const uint8_t*>(weight.data_ptr()) + row * k / 2 + b * kBlock / 2;
-              for (int j = 0; j < 16; ++j) { values[j] = bytes[j] & 0xF; values[16 + j] = bytes[j] >> 4; }
-              dot = dot_block_scalar_u8(values, qp + r * k + b * kBlock);
-            } else {
-              const int8_t* q = static_cast<const int8_t*>(weight.data_ptr()) + row * k + b * kBlock;
-              dot = 0;
-              for (int j = 0; j < kBlock; ++j) dot += int32_t(q[j]) * int32_t(qp[r * k + b * kBlock + j]);
-            }
-            total += (int4 ? sp[row * groups + b * kBlock / group] : 1.f) * dp[r * blocks + b] * float(dot);
+        continue;
+      }
+      uint8_t values[kBlock];  // the same integer sums, one block at a time
+      for (int64_t r = 0; r < m; ++r) {
+        float total = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          int32_t dot;
+          if (int4) {
+            const uint8_t* bytes = static_cast<const uint8_t*>(weight.data_ptr()) + row * k / 2 + b * kBlock / 2;
+            for (int j = 0; j < 16; ++j) { values[j] = bytes[j] & 0xF; values[16 + j] = bytes[j] >> 4; }
+            dot = dot_block_scalar_u8(values, qp + r * k + b * kBlock);
+          } else {
+            const int8_t* q = static_cast<const int8_t*>(weight.data_ptr()) + row * k + b * kBlock;
+            dot = 0;
+            for (int j = 0; j < kBlock; ++j) dot += int32_t(q[j]) * int32_t(qp[r * k + b * kBlock + j]);
           }
-          if (int4) for (int64_t g = 0; g < groups; ++g) total += op[row * groups + g] * xs[r * groups + g];
-          else total *= sp[row];
-          yp[r * n + row] = total;
+          total += (int4 ? param_at(scale, row * groups + b * kBlock / group) : 1.f) * dp[r * blocks + b] * float(dot);
         }
+        if (int4)
+          for (int64_t g = 0; g < groups; ++g) {
+            const float s = param_at(scale, row * groups + g), z = param_at(*zero, row * groups + g);
+            total += (z - 8.f * s) * xs[r * groups + g];
+          }
+        else total *= scale.data_ptr<float>()[row];
+        yp[r * n + row] = total;
+      }
+    }
+  });
+  return y;
+}
+
+// int8 weights (N, K) with scale (N,) fp32 times x (M, K) fp32 rounded to int16 per block of 128.
+at::Tensor gemv_q16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar,
+              "stablelm kernels: gemv_q16 takes contiguous int8 (N, K) weights");
+  const int64_t n = weight.size(0), k = weight.size(1), m = x.size(0);
+  check_x(x, k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
+              "stablelm kernels: gemv_q16 needs a contiguous float32 scale per row");
+  isa = resolve_isa(isa);
+  const bool simd = isa >= kAvx2 && k % 16 == 0;
+  const int64_t blocks = (k + kBlock16 - 1) / kBlock16;
+  auto xq = at::empty({m, k}, x.options().dtype(at::kShort));
+  auto d = at::empty({m, blocks}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int16_t* qp = xq.data_ptr<int16_t>();
+  float* dp = d.data_ptr<float>();
+  at::parallel_for(0, m, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * kBlock16, len = std::min(kBlock16, k - start);
+        dp[r * blocks + b] = simd ? quantize16_avx2(xp + r * k + start, len, qp + r * k + start)
+                                  : quantize16_scalar(xp + r * k + start, len, qp + r * k + start);
+      }
+  });
+  auto y = at::empty({m, n}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int8_t* wrow = w + row * k;
+      if (simd) {
+        over_rows(m, [&](int64_t r) { int8_q16_row_avx2<1>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); },
+                     [&](int64_t r) { int8_q16_row_avx2<2>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); },
+                     [&](int64_t r) { int8_q16_row_avx2<4>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); });
+        continue;
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        float total = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          int32_t dot = 0;
+          for (int64_t i = b * kBlock16; i < std::min(k, (b + 1) * kBlock16); ++i) dot += int32_t(wrow[i]) * int32_t(qp[r * k + i]);
+          total += dp[r * blocks + b] * float(dot);
+        }
+        yp[r * n + row] = sp[row] * total;
       }
     }
   });
@@ -609,6 +806,7 @@ int64_t isa_level() { return best_isa(); }
 TORCH_LIBRARY(stablelm_kernels, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, int isa) -> Tensor", gemv);
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group, int isa) -> Tensor", gemv_int4);
-  m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? offset, int group, int isa) -> Tensor", gemv_q8);
+  m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? zero, int group, int isa) -> Tensor", gemv_q8);
+  m.def("gemv_q16(Tensor x, Tensor weight, Tensor scale, int isa) -> Tensor", gemv_q16);
   m.def("isa_level() -> int", isa_level);
 }
