@@ -189,6 +189,9 @@ class StableLmAttention(nn.Module):
         if cache is not None and cache.paged:  # the serving engine's block pool attends itself
             out = cache.attend(self.layer_idx, q, k, v, self.attn_implementation)
             return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        if cache is not None and cache.one_token and not self.training:
+            out = cache.attend_one(self.layer_idx, q, k, v)
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         dropout = self.attention_dropout if self.training else 0.0
