@@ -283,6 +283,32 @@ def test_native_q16_gemv_equals_torch(isa):
         assert (got.double() - exact).abs().max() <= 1e-3 * exact.abs().max(), (m, n, k)
 
 
+@pytest.mark.parametrize("isa", native_levels())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_kernels_take_16bit_rows_and_a_bias(isa, dtype):
+    """16-bit x is widened in the kernel and the bias added in fp32 before one rounding to x's dtype: exactly
+    `(kernel(x.float()) + bias).to(dtype)`, for every decode kernel."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 3, 40, 256
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(n, k // 64, generator=g).bfloat16(), torch.randn(n, k // 64, generator=g).bfloat16()
+    scale = torch.rand(n, generator=g)
+    calls = [lambda xx, b=None: kernels.gemv(xx, torch.randn(n, k, generator=torch.Generator().manual_seed(1)).to(dtype),
+                                             None, isa, b),
+             lambda xx, b=None: kernels.gemv(xx, w8, scale, isa, b),
+             lambda xx, b=None: kernels.gemv_q16(xx, w8, scale, isa, b)]
+    if isa >= kernels.ISA_LEVELS.index("avx2"):
+        calls.append(lambda xx, b=None: kernels.gemv_q8(xx, q, s, z, 64, isa, b))
+    for call in calls:
+        want = (call(x.float()) + bias.float()).to(dtype)
+        got = call(x, bias)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(call(x), call(x.float()).to(dtype))
+
+
 def test_native_kernels_refuse_bad_input():
     if kernels.native_ops() is None:
         pytest.skip("the native kernels are not built here")
@@ -293,7 +319,9 @@ def test_native_kernels_refuse_bad_input():
     with pytest.raises(ValueError, match="scale"):
         kernels.gemv(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8))
     with pytest.raises(ValueError, match="float32"):
-        kernels.gemv(torch.randn(1, 16).bfloat16(), torch.randn(4, 16).bfloat16())
+        kernels.gemv(torch.ones(1, 16, dtype=torch.int32), torch.randn(4, 16).bfloat16())
+    with pytest.raises(ValueError, match="bias"):
+        kernels.gemv(torch.randn(1, 16), torch.randn(4, 16).bfloat16(), bias=torch.ones(5))
     with pytest.raises(ValueError, match="not supported by this CPU"):
         kernels.gemv(torch.randn(1, 16), torch.randn(4, 16).bfloat16(), isa=99)
     with pytest.raises(ValueError, match="group"):

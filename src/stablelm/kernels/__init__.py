@@ -130,9 +130,11 @@ def fast_16bit_matmul(dtype: torch.dtype) -> bool:
 
 # The checks live here, before the call: an error raised inside the extension crossed the library boundary
 # as a crash on one machine (torch 2.11 + another libstdc++), so the C++ checks are only a last line.
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, isa: int = -1) -> torch.Tensor:
-    """x (M, K) float32 @ weight (N, K) bf16 / fp16 / int8 (times `scale` (N,) float32 per row) -> (M, N)
-    float32, at ISA level `isa` (-1: the best this CPU has)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, isa: int = -1,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K) bf16 / fp16 / int8 (times `scale` (N,) float32 per row) -> (M, N), at ISA
+    level `isa` (-1: the best this CPU has). x is float32, bfloat16 or float16 (widened to fp32); the result
+    has x's dtype, accumulated in fp32 with `bias` added before the one rounding (as do gemv_q8 and gemv_q16)."""
     _check_rows(x, weight.shape[1] if weight.dim() == 2 else -1)
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in (torch.bfloat16, torch.float16, torch.int8):
         raise ValueError(f"gemv: weight must be a contiguous (N, K) bf16, fp16 or int8 tensor, got {weight.dtype} "
@@ -140,7 +142,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     if weight.dtype == torch.int8 and (scale is None or scale.dtype != torch.float32 or not scale.is_contiguous()
                                        or scale.numel() != weight.shape[0]):
         raise ValueError(f"gemv: int8 weights need a contiguous float32 scale of {weight.shape[0]} rows")
-    return torch.ops.stablelm_kernels.gemv(x, weight, scale, _check_isa(isa))
+    return torch.ops.stablelm_kernels.gemv(x, weight, scale, _check_isa(isa), _bias(bias, weight.shape[0]))
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
@@ -149,7 +151,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
     if packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError(f"gemv_int4: packed must be contiguous (N, K / 2) uint8, got {packed.dtype} {tuple(packed.shape)}")
     n, k = packed.shape[0], packed.shape[1] * 2
-    _check_rows(x, k)
+    _check_rows(x, k, (torch.float32,))
     if group % 32 or k % group:
         raise ValueError(f"gemv_int4: group {group} must be a multiple of 32 that divides K = {k}")
     for name, t in (("scale", scale), ("offset", offset)):
@@ -159,7 +161,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
 
 
 def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-            group: int = 0, isa: int = -1) -> torch.Tensor:
+            group: int = 0, isa: int = -1, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, rounded to int8 per block of 32 inputs (d = max|x| / 127), times int8 weights
     (N, K) with `scale` (N,) float32, or packed int4 weights (N, K / 2) with `scale` and `zero` (N, K / group),
     both float32 or both bfloat16, w = (q - 8) * scale + zero; products summed in integers per block, the
@@ -180,10 +182,11 @@ def gemv_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: to
         if t.dtype not in dtypes or t.dtype != scale.dtype or not t.is_contiguous() or t.numel() != n * (groups or 1):
             raise ValueError(f"gemv_q8: {name} must be contiguous {' or '.join(map(str, dtypes))} (the scale's "
                              f"dtype) with {n * (groups or 1)} values")
-    return torch.ops.stablelm_kernels.gemv_q8(x, weight, scale, zero, group, _check_isa(isa))
+    return torch.ops.stablelm_kernels.gemv_q8(x, weight, scale, zero, group, _check_isa(isa), _bias(bias, n))
 
 
-def gemv_q16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int = -1) -> torch.Tensor:
+def gemv_q16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int = -1,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, rounded to int16 per block of 128 inputs (d = max|x| / 32767; the last block may be
     shorter), times int8 weights (N, K) with `scale` (N,) float32; products summed in integers per block."""
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype != torch.int8:
@@ -191,7 +194,7 @@ def gemv_q16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: in
     _check_rows(x, weight.shape[1])
     if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != weight.shape[0]:
         raise ValueError(f"gemv_q16: scale must be contiguous float32 with {weight.shape[0]} values")
-    return torch.ops.stablelm_kernels.gemv_q16(x, weight, scale, _check_isa(isa))
+    return torch.ops.stablelm_kernels.gemv_q16(x, weight, scale, _check_isa(isa), _bias(bias, weight.shape[0]))
 
 
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor,
@@ -245,9 +248,19 @@ def quantize_blocks_reference(x: torch.Tensor, block: int = 32, levels: int = 12
     return torch.cat(pieces, dim=1)
 
 
-def _check_rows(x: torch.Tensor, k: int) -> None:
-    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
-        raise ValueError(f"native kernels: x must be a contiguous (M, K) float32 tensor, got {x.dtype} {tuple(x.shape)}")
+def _bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The products' optional bias, checked: (N,) contiguous, any floating dtype. The kernels add it in fp32
+    and round the sum once to x's dtype, their output dtype."""
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous() or not bias.is_floating_point()):
+        raise ValueError(f"native kernels: bias must be a contiguous floating ({n},) tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    return bias
+
+
+def _check_rows(x: torch.Tensor, k: int, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> None:
+    if x.dim() != 2 or x.dtype not in dtypes or not x.is_contiguous():
+        raise ValueError(f"native kernels: x must be a contiguous (M, K) {' or '.join(map(str, dtypes))} tensor, got "
+                         f"{x.dtype} {tuple(x.shape)}")
     if x.shape[1] != k:
         raise ValueError(f"native kernels: x has {x.shape[1]} columns, the weight {k}")
     if x.shape[0] < 1:

@@ -587,10 +587,42 @@ float param_at(const at::Tensor& t, int64_t i) {
 
 // ---- entry points --------------------------------------------------------------------------------
 void check_x(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "stablelm kernels: x must be a contiguous (M, K) float32 tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "stablelm kernels: x must be a contiguous (M, K) float32, bfloat16 or float16 tensor");
   TORCH_CHECK(x.size(1) == k, "stablelm kernels: x has ", x.size(1), " columns, the weight ", k);
   TORCH_CHECK(x.size(0) >= 1, "stablelm kernels: x has no rows");
+}
+
+at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
+
+template <typename O, typename B>
+void finish_rows(const float* y, const B* bias, O* out, int64_t m, int64_t n) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < n; ++j) out[r * n + j] = O(y[r * n + j] + (bias ? float(bias[j]) : 0.f));
+}
+
+template <typename O>
+void finish_as(const float* y, const c10::optional<at::Tensor>& bias, O* out, int64_t m, int64_t n) {
+  if (!bias.has_value()) finish_rows<O, float>(y, nullptr, out, m, n);
+  else if (bias->scalar_type() == at::kBFloat16) finish_rows(y, bias->data_ptr<c10::BFloat16>(), out, m, n);
+  else if (bias->scalar_type() == at::kHalf) finish_rows(y, bias->data_ptr<c10::Half>(), out, m, n);
+  else finish_rows(y, bias->data_ptr<float>(), out, m, n);
+}
+
+// y (M, N) fp32 from a kernel, plus the bias (N,) in fp32, rounded once to the input's dtype: what
+// `(y + bias).to(dtype)` gives in torch, without the two extra ops per projection.
+at::Tensor finish(at::Tensor y, const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
+  const int64_t m = y.size(0), n = y.size(1);
+  if (!bias.has_value() && dtype == at::kFloat) return y;
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous()),
+              "stablelm kernels: bias must be a contiguous (", n, ",) tensor");
+  at::Tensor out = dtype == at::kFloat ? y : at::empty({m, n}, y.options().dtype(dtype));
+  const float* yp = y.data_ptr<float>();
+  if (dtype == at::kBFloat16) finish_as(yp, bias, out.data_ptr<c10::BFloat16>(), m, n);
+  else if (dtype == at::kHalf) finish_as(yp, bias, out.data_ptr<c10::Half>(), m, n);
+  else finish_as(yp, bias, out.data_ptr<float>(), m, n);
+  return out;
 }
 
 int64_t resolve_isa(int64_t isa) {
@@ -610,10 +642,12 @@ void run(const float* x, int64_t m, const void* w, const float* scale, float* y,
 }
 
 // x (M, K) fp32; weight (N, K) bf16 / fp16 / int8; scale (N,) fp32 for int8. Returns (M, N) fp32.
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t isa) {
+at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t isa,
+                const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "stablelm kernels: weight must be contiguous (N, K)");
-  const int64_t n = weight.size(0), k = weight.size(1), m = x.size(0);
-  check_x(x, k);
+  const int64_t n = weight.size(0), k = weight.size(1), m = x_in.size(0);
+  check_x(x_in, k);
+  const at::Tensor x = as_float(x_in);
   isa = resolve_isa(isa);
   auto y = at::empty({m, n}, x.options());
   const float* s = nullptr;
@@ -630,7 +664,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
     case at::kChar: run<kI8>(xp, m, weight.data_ptr(), s, yp, n, k, isa); break;
     default: TORCH_CHECK(false, "stablelm kernels: weight dtype ", weight.scalar_type(), " is not bf16, fp16 or int8");
   }
-  return y;
+  return finish(y, bias, x_in.scalar_type());
 }
 
 // x (M, K) fp32; packed (N, K / 2) uint8 as described above; scale, offset (N, K / group) fp32.
@@ -640,6 +674,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "stablelm kernels: int4 weights must be contiguous (N, K / 2) uint8");
   const int64_t n = packed.size(0), k = packed.size(1) * 2, m = x.size(0);
   check_x(x, k);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "stablelm kernels: gemv_int4 takes float32 x");
   TORCH_CHECK(group % 32 == 0 && k % group == 0, "stablelm kernels: group ", group, " must be a multiple of 32 dividing K");
   const int64_t groups = k / group;
   for (const auto* t : {&scale, &offset})
@@ -668,13 +703,15 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
 // The int8-activation products: x (M, K) fp32 is rounded per block of 32 (see round_int8), K % 32 == 0.
 // int8: weight (N, K) int8, scale (N,) fp32. int4: packed as gemv_int4, scale and zero (N, K / group), both
 // fp32 or both bf16, w = (q - 8) * scale + zero.
-at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                   const c10::optional<at::Tensor>& zero, int64_t group, int64_t isa) {
+at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& zero, int64_t group, int64_t isa,
+                   const c10::optional<at::Tensor>& bias) {
   const bool int4 = weight.scalar_type() == at::kByte;
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && (int4 || weight.scalar_type() == at::kChar),
               "stablelm kernels: gemv_q8 takes contiguous int8 (N, K) or packed int4 (N, K / 2) weights");
-  const int64_t n = weight.size(0), k = weight.size(1) * (int4 ? 2 : 1), m = x.size(0);
-  check_x(x, k);
+  const int64_t n = weight.size(0), k = weight.size(1) * (int4 ? 2 : 1), m = x_in.size(0);
+  check_x(x_in, k);
+  const at::Tensor x = as_float(x_in);
   TORCH_CHECK(k % kBlock == 0, "stablelm kernels: gemv_q8 needs K divisible by 32, got ", k);
   const int64_t groups = int4 ? k / group : 1;
   TORCH_CHECK(!int4 || (group % kBlock == 0 && k % group == 0 && zero.has_value()),
@@ -707,7 +744,7 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                      [&](int64_t r) { int4_row<4>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); });
       }
     });
-    return y;
+    return finish(y, bias, x_in.scalar_type());
   }
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -745,15 +782,17 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       }
     }
   });
-  return y;
+  return finish(y, bias, x_in.scalar_type());
 }
 
 // int8 weights (N, K) with scale (N,) fp32 times x (M, K) fp32 rounded to int16 per block of 128.
-at::Tensor gemv_q16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t isa) {
+at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale, int64_t isa,
+                    const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar,
               "stablelm kernels: gemv_q16 takes contiguous int8 (N, K) weights");
-  const int64_t n = weight.size(0), k = weight.size(1), m = x.size(0);
-  check_x(x, k);
+  const int64_t n = weight.size(0), k = weight.size(1), m = x_in.size(0);
+  check_x(x_in, k);
+  const at::Tensor x = as_float(x_in);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "stablelm kernels: gemv_q16 needs a contiguous float32 scale per row");
   isa = resolve_isa(isa);
@@ -796,7 +835,7 @@ at::Tensor gemv_q16(const at::Tensor& x, const at::Tensor& weight, const at::Ten
       }
     }
   });
-  return y;
+  return finish(y, bias, x_in.scalar_type());
 }
 
 int64_t isa_level() { return best_isa(); }
@@ -804,9 +843,9 @@ int64_t isa_level() { return best_isa(); }
 }  // namespace
 
 TORCH_LIBRARY(stablelm_kernels, m) {
-  m.def("gemv(Tensor x, Tensor weight, Tensor? scale, int isa) -> Tensor", gemv);
+  m.def("gemv(Tensor x, Tensor weight, Tensor? scale, int isa, Tensor? bias=None) -> Tensor", gemv);
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group, int isa) -> Tensor", gemv_int4);
-  m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? zero, int group, int isa) -> Tensor", gemv_q8);
-  m.def("gemv_q16(Tensor x, Tensor weight, Tensor scale, int isa) -> Tensor", gemv_q16);
+  m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? zero, int group, int isa, Tensor? bias=None) -> Tensor", gemv_q8);
+  m.def("gemv_q16(Tensor x, Tensor weight, Tensor scale, int isa, Tensor? bias=None) -> Tensor", gemv_q16);
   m.def("isa_level() -> int", isa_level);
 }

@@ -130,6 +130,12 @@ class LinearFormat(nn.Module):
         """x (M, K) in the compute dtype -> (M, N), any floating dtype, without the bias."""
         raise NotImplementedError
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (M, K) in the compute dtype -> (M, N) in that dtype with the bias added, for the rows a native
+        kernel takes whole (it widens x, adds the bias and rounds once, as `(matmul(x) + bias).to(dtype)`
+        does); None otherwise, and `matmul` runs."""
+        return None
+
     def dense_weight(self) -> torch.Tensor:
         """The weight as a plain (N, K) tensor in the compute dtype (dequantized for int8/int4)."""
         raise NotImplementedError
@@ -151,9 +157,16 @@ class LinearFormat(nn.Module):
         elif x.numel() == 0:  # no rows (a serving round that needs no logits): no kernel call
             y = x.new_zeros(0, self.out_features, dtype=self.compute_dtype)
         else:
-            y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype))
+            rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+            y = self.decode(rows)
+            if y is not None:  # bias added, in the compute dtype
+                return self._finish(y, x, shape)
+            y = self.matmul(rows)
         if self.bias is not None:
             y = y + self.bias
+        return self._finish(y, x, shape)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, shape: torch.Size):
         y = y.to(x.dtype).view(*shape, self.out_features)
         if x.requires_grad:  # a gradient would reach no weight here: training would skip every projection
             y = _NoTraining.apply(y, self.name)
@@ -256,6 +269,11 @@ class Native16(LinearFormat):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.isa = kernels.native_isa()
 
+    def decode(self, x):
+        if x.shape[0] <= self.native_rows:
+            return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, None, self.isa, self.bias)
+        return None
+
     def matmul(self, x):
         if x.shape[0] <= self.native_rows:
             return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, None, self.isa)
@@ -328,6 +346,13 @@ class Int8Native(Int8Base):
         super()._build(q, scale)
         self.register_buffer("scale32", self.scale.float(), persistent=False)
         self.isa = kernels.native_isa()
+
+    def decode(self, x):
+        if x.shape[0] > self.native_rows:
+            return None
+        if self.isa >= kernels.ISA_LEVELS.index("avx2"):
+            return torch.ops.stablelm_kernels.gemv_q16(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
+        return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
 
     def matmul(self, x):
         if x.shape[0] <= self.native_rows:
@@ -501,6 +526,12 @@ class Int4Native(Int4Base):
         values[..., :16] = blocks & 0xF
         values[..., 16:] = blocks >> 4
         return out
+
+    def decode(self, x):
+        if x.shape[0] <= self.native_rows and self.isa >= kernels.ISA_LEVELS.index("avx2"):
+            return torch.ops.stablelm_kernels.gemv_q8(x.contiguous(), self.weight, self.kernel_scale, self.kernel_zero,
+                                                      self.group_size, self.isa, self.bias)
+        return None
 
     def matmul(self, x):
         if x.shape[0] <= self.native_rows:
