@@ -32,6 +32,31 @@ def test_cached_incremental_forward_equals_full(variant):
     assert (stepped[real] - full[real]).abs().max() < TOL
 
 
+@pytest.mark.parametrize("variant", ["base", "stablelm2_12b"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_one_decoding_attends_natively_as_sdpa_does(variant, dtype):
+    """A batch-1 decode step over a cache whose capacity is a multiple of 16 attends with the native kernel
+    (`one_token`); a capacity of 33 takes SDPA. Both give the full forward's logits (GQA included)."""
+    from stablelm import kernels
+    if kernels.native_isa() is None:
+        pytest.skip("the native kernels are not built here: decoding always uses SDPA")
+    model = tiny_model(**VARIANTS[variant]).to(dtype)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+    results = {}
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        for capacity in (32, 33):
+            cache = stablelm.KVCache.for_model(model, 1, capacity)
+            steps = [model(ids[:, :12], past_key_values=cache).logits]
+            for i in range(12, 20):
+                steps.append(model(ids[:, i:i + 1], past_key_values=cache).logits)
+                assert cache.one_token == (capacity % 16 == 0)
+            results[capacity] = torch.cat(steps, dim=1).float()
+    tolerance = TOL if dtype == torch.float32 else 0.05 * full.abs().max()
+    assert (results[32] - full).abs().max() < tolerance
+    assert (results[32] - results[33]).abs().max() < tolerance
+
+
 def test_row_operations_keep_each_sequence_intact():
     """copy_row, narrow/absorb and reset_rows, as the engine uses them: a row moved elsewhere continues
     exactly as a solo run would."""
