@@ -4,7 +4,8 @@
 // Batch-1 decoding reads every weight once per token, so its speed is bytes moved / memory bandwidth.
 // These kernels read the weight in its stored form (bf16, fp16, int8 per row, int4 in groups) and
 // widen it in registers to fp32, accumulating in fp32; torch has no such path on CPUs without native
-// bf16/fp16 matmuls (it converts, or runs scalar code). Each ISA level is a separate function compiled
+// bf16/fp16 matmuls (it converts, or runs scalar code). The int8 and int4 decode products (gemv_q16,
+// gemv_q8) instead round the activations per block and sum in integers (see below). Each ISA level is a separate function compiled
 // with a `target` attribute, so one build holds every level and the caller picks one at run time.
 //
 // Layouts (all row-major, one row per output feature):
@@ -12,7 +13,9 @@
 //   int8:        (N, K) int8 with one fp32 scale per row: w = q * scale.
 //   int4:        (N, K / 2) bytes in blocks of 32 inputs: byte j of a block holds input j in its low nibble
 //                and input 16 + j in its high nibble (ggml's Q4_0 order); groups of `group` inputs
-//                (a multiple of 32) share an fp32 scale and offset: w = q * scale + offset.
+//                (a multiple of 32) share a scale and a zero point. gemv_int4 (fp32 activations): fp32 scale
+//                and offset, w = q * scale + offset. gemv_q8: fp32 or bf16 scale and zero as the checkpoint
+//                stores them, w = (q - 8) * scale + zero (bf16: 4.5 bits a weight, as ggml's Q4_0).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
