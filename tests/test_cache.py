@@ -57,6 +57,35 @@ def test_batch_one_decoding_attends_natively_as_sdpa_does(variant, dtype):
     assert (results[32] - results[33]).abs().max() < tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, rotated", [(4, 4, 16), (8, 2, 64), (4, 1, 8)])
+def test_decode_attention_rotates_exactly_as_torch(dtype, heads, kv_heads, rotated):
+    """The fused decode op stores exactly the keys `apply_rotary` gives (the same roundings, bit for bit, in
+    every dtype), the value as given, and attends as SDPA does."""
+    from stablelm import kernels
+    from stablelm.models.model import apply_rotary
+    if kernels.native_isa() is None:
+        pytest.skip("the native kernels are not built here")
+    g = torch.Generator().manual_seed(0)
+    d, length, capacity = 64, 21, 32
+    keys = torch.randn(kv_heads, capacity, d, generator=g).to(dtype)
+    values = torch.randn(kv_heads, capacity, d, generator=g).to(dtype)
+    q, k, v = (torch.randn(1, 1, n * d, generator=g).to(dtype) for n in (heads, kv_heads, kv_heads))
+    angle = torch.rand(1, 1, rotated, generator=g) * 6
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    want_q = apply_rotary(q.view(1, 1, heads, d).transpose(1, 2), cos, sin)
+    want_k = apply_rotary(k.view(1, 1, kv_heads, d).transpose(1, 2), cos, sin)
+    for isa in range(min(kernels.native_isa(), 1) + 1):
+        kc, vc = keys.clone(), values.clone()
+        out = torch.ops.stablelm_kernels.decode_attention(q, k, v, cos, sin, kc, vc, length - 1, d ** -0.5, isa)
+        assert torch.equal(kc[:, length - 1], want_k[0, :, 0]) and torch.equal(vc[:, length - 1], v.view(kv_heads, d))
+        assert torch.equal(kc[:, :length - 1], keys[:, :length - 1])
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            want_q.float(), kc[None, :, :length].float(), vc[None, :, :length].float(), enable_gqa=True)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (out.float() - expected.reshape(-1)).abs().max() <= tolerance, (isa, dtype)
+
+
 def test_row_operations_keep_each_sequence_intact():
     """copy_row, narrow/absorb and reset_rows, as the engine uses them: a row moved elsewhere continues
     exactly as a solo run would."""

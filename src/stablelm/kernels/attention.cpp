@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -318,9 +319,127 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
   return out;
 }
 
+// ---- one decode token at batch 1 over a contiguous cache, rotary included ----------------------------
+// What the model's attention does for one token, in one call instead of ~20 small ops: rotate the first
+// `r` dims of every q and k head (x * cos + rotate_half(x) * sin, rounding to the model's dtype after each
+// product and the sum, exactly where torch rounds), store k and v in `slot`, attend to slots 0..slot.
+template <Kind kind>
+inline float round_to(float v) {
+  if constexpr (kind == kBF16) return float(c10::BFloat16(v));
+  else if constexpr (kind == kF16) return float(c10::Half(v));
+  else return v;
+}
+
+template <Kind kind>
+inline void store1(void* p, int64_t i, float v) {
+  if constexpr (kind == kBF16) static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v);
+  else if constexpr (kind == kF16) static_cast<c10::Half*>(p)[i] = c10::Half(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+inline float opaque(float v) {  // a product torch rounds on its own: never fused into the following add
+  asm volatile("" : "+x"(v));
+  return v;
+}
+
+template <Kind kind>
+void rotate(const void* x, int64_t base, const void* cos, const void* sin, int64_t r, int64_t d, float* out) {
+  const int64_t half = r / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = load1<kind>(x, base + j), x2 = load1<kind>(x, base + j + half);
+    out[j] = round_to<kind>(opaque(round_to<kind>(x1 * load1<kind>(cos, j))) +
+                            opaque(round_to<kind>(-x2 * load1<kind>(sin, j))));
+    out[j + half] = round_to<kind>(opaque(round_to<kind>(x2 * load1<kind>(cos, j + half))) +
+                                   opaque(round_to<kind>(x1 * load1<kind>(sin, j + half))));
+  }
+  for (int64_t j = r; j < d; ++j) out[j] = load1<kind>(x, base + j);
+}
+
+template <Kind kind>
+void decode_run(const void* qp, const void* kp, const void* vp, const void* cos, const void* sin, void* keys,
+                void* values, void* out, int64_t h, int64_t hkv, int64_t d, int64_t r, int64_t capacity, int64_t slot,
+                float scale, bool simd) {
+  const int64_t group = h / hkv, count = slot + 1, elem = kind == kF32 ? 4 : 2;
+  std::vector<float> q(h * d), k(d);
+  for (int64_t head = 0; head < h; ++head) rotate<kind>(qp, head * d, cos, sin, r, d, q.data() + head * d);
+  for (int64_t kv = 0; kv < hkv; ++kv) {
+    rotate<kind>(kp, kv * d, cos, sin, r, d, k.data());
+    for (int64_t i = 0; i < d; ++i) {
+      store1<kind>(keys, (kv * capacity + slot) * d + i, k[i]);
+      store1<kind>(values, (kv * capacity + slot) * d + i, load1<kind>(vp, kv * d + i));
+    }
+  }
+  // Threads only where the work pays for waking them (a short context is a few microseconds in one).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, group * count * d));
+  at::parallel_for(0, hkv, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(group * count), acc(group * d);
+    for (int64_t kv = begin; kv < end; ++kv) {
+      const void* kc = static_cast<const char*>(keys) + kv * capacity * d * elem;
+      const void* vc = static_cast<const char*>(values) + kv * capacity * d * elem;
+      const float* qg = q.data() + kv * group * d;
+      if (simd) scores_avx2<kind>(qg, group, kc, count, d, scale, s.data());
+      else scores_scalar<kind>(qg, group, kc, count, d, scale, s.data());
+      std::vector<float> total(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = s.data() + g * count;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < count; ++j) top = std::max(top, sg[j]);
+        if (simd) total[g] = exp_sum_avx2(sg, count, top);
+        else {
+          total[g] = 0.f;
+          for (int64_t j = 0; j < count; ++j) total[g] += (sg[j] = std::exp(sg[j] - top));
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (simd) accumulate_avx2<kind>(s.data(), group, vc, count, d, acc.data());
+      else accumulate_scalar<kind>(s.data(), group, vc, count, d, acc.data());
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < d; ++i) store1<kind>(out, (kv * group + g) * d + i, acc[g * d + i] / total[g]);
+    }
+  });
+}
+
+// q (H * D), k and v (H_kv * D) of one token, cos and sin (r,), keys/values (H_kv, capacity, D): all contiguous,
+// one dtype (fp32, bf16, fp16). Returns the attention output (H * D) in that dtype.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& keys, const at::Tensor& values, int64_t slot,
+                            double scale, int64_t isa) {
+  const auto dtype = keys.scalar_type();
+  TORCH_CHECK(keys.dim() == 3 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous(),
+              "decode_attention: keys and values must be contiguous (H_kv, capacity, D) tensors of one shape");
+  const int64_t hkv = keys.size(0), capacity = keys.size(1), d = keys.size(2), r = cos.numel();
+  for (const at::Tensor* t : {&q, &k, &v, &cos, &sin, &values})
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "decode_attention: every tensor must be contiguous ",
+                dtype);
+  TORCH_CHECK(k.numel() == hkv * d && v.numel() == hkv * d && q.numel() % (hkv * d) == 0,
+              "decode_attention: q, k, v hold ", q.numel(), ", ", k.numel(), ", ", v.numel(), " values; the cache has ",
+              hkv, " heads of ", d);
+  TORCH_CHECK(sin.numel() == r && r % 2 == 0 && r <= d, "decode_attention: cos and sin must hold the same even number "
+              "of rotated dims, at most ", d);
+  TORCH_CHECK(slot >= 0 && slot < capacity, "decode_attention: slot ", slot, " outside the cache's ", capacity);
+  TORCH_CHECK(isa <= 0 || has_avx2(), "decode_attention: this CPU has no AVX2");
+  const bool simd = (isa < 0 ? has_avx2() : isa >= 1) && d % 8 == 0;
+  const int64_t h = q.numel() / d;
+  auto out = at::empty({h * d}, q.options());
+  const float sc = static_cast<float>(scale);
+#define STABLELM_RUN(kind)                                                                                          \
+  decode_run<kind>(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),        \
+                   values.data_ptr(), out.data_ptr(), h, hkv, d, r, capacity, slot, sc, simd)
+  switch (dtype) {
+    case at::kFloat: STABLELM_RUN(kF32); break;
+    case at::kBFloat16: STABLELM_RUN(kBF16); break;
+    case at::kHalf: STABLELM_RUN(kF16); break;
+    default: TORCH_CHECK(false, "decode_attention: dtype ", dtype, " is not fp32, bf16 or fp16");
+  }
+#undef STABLELM_RUN
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(stablelm_kernels, m) {
   m.def("paged_attention(Tensor q, Tensor keys, Tensor values, Tensor blocks, Tensor starts, Tensor lengths, "
         "int block_size, float scale, int isa) -> Tensor", paged_attention);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor keys, Tensor values, int slot, "
+        "float scale, int isa) -> Tensor", decode_attention);
 }

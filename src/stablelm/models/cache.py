@@ -97,6 +97,21 @@ class KVCache:
             self._table_cache = (torch.arange(blocks)[None], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.long))
         return self._table_cache
 
+    def attend_rotary(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """Decoding at batch 1 (`one_token`) in one native call: the projections' q (1, 1, H * D) and k, v
+        (1, 1, H_kv * D) before RoPE; rotates q and k as `apply_rotary` does (rounding where torch rounds),
+        stores k/v in the slot and attends. Returns (1, 1, H * D), or None when the tensors are not all
+        contiguous in the cache's dtype (then the caller takes the general path)."""
+        k_buf, v_buf = self.keys[layer], self.values[layer]
+        dtype = k_buf.dtype
+        if any(t.dtype != dtype or not t.is_contiguous() for t in (query, key, value, cos, sin)):
+            return None
+        out = torch.ops.stablelm_kernels.decode_attention(query, key, value, cos, sin, k_buf[0], v_buf[0],
+                                                          self.lengths[0] - 1, 1.0 / math.sqrt(k_buf.shape[-1]),
+                                                          self._isa)
+        return out.view(1, 1, -1)
+
     def attend_one(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Decoding at batch 1 (`one_token`): store the token's key/value (1, H_kv, 1, D) for `layer` and attend
         to every written slot with the native kernel (one pass over the cache, online softmax in fp32).

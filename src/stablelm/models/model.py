@@ -182,6 +182,10 @@ class StableLmAttention(nn.Module):
                 mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv_proj(x)
+        if cache is not None and cache.one_token and not self.training and not hasattr(self, "q_layernorm"):
+            out = cache.attend_rotary(self.layer_idx, q, k, v, cos, sin)  # one native call for the whole step
+            if out is not None:
+                return self.o_proj(out)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
