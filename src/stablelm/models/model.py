@@ -182,7 +182,8 @@ class StableLmAttention(nn.Module):
                 mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv_proj(x)
-        if cache is not None and cache.one_token and not self.training and not hasattr(self, "q_layernorm"):
+        if cache is not None and not cache.paged and cache.one_token and not self.training \
+                and not hasattr(self, "q_layernorm"):
             out = cache.attend_rotary(self.layer_idx, q, k, v, cos, sin)  # one native call for the whole step
             if out is not None:
                 return self.o_proj(out)
