@@ -34,27 +34,40 @@ def test_cached_incremental_forward_equals_full(variant):
 
 @pytest.mark.parametrize("variant", ["base", "stablelm2_12b"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_one_decoding_attends_natively_as_sdpa_does(variant, dtype):
-    """A batch-1 decode step over a cache whose capacity is a multiple of 16 attends with the native kernel
-    (`one_token`); a capacity of 33 takes SDPA. Both give the full forward's logits (GQA included)."""
+def test_batch_one_decoding_attends_natively_as_sdpa_does(variant, dtype, monkeypatch):
+    """A batch-1 decode step attends with the native kernel (`one_token`; the 12B variant's q/k norms run
+    first, so its q and k arrive rotated); with the kernel declined, SDPA. Both give the full forward's
+    logits (GQA included)."""
     from stablelm import kernels
     if kernels.native_isa() is None:
         pytest.skip("the native kernels are not built here: decoding always uses SDPA")
-    model = tiny_model(**VARIANTS[variant]).to(dtype)
+    model = tiny_model(**VARIANTS[variant]).to(dtype).eval()  # training mode never takes the kernel
     ids = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+    native_calls = []
+    attend_one = stablelm.KVCache.attend_one
+
+    def counted(self, *args):
+        native_calls.append(len(args))
+        return attend_one(self, *args)
+
     results = {}
     with torch.no_grad():
         full = model(ids).logits.float()
-        for capacity in (32, 33):
-            cache = stablelm.KVCache.for_model(model, 1, capacity)
+        for path in ("native", "sdpa"):
+            monkeypatch.setattr(stablelm.KVCache, "attend_one", counted if path == "native" else
+                                lambda self, *args: None)
+            cache = stablelm.KVCache.for_model(model, 1, 33)
             steps = [model(ids[:, :12], past_key_values=cache).logits]
             for i in range(12, 20):
                 steps.append(model(ids[:, i:i + 1], past_key_values=cache).logits)
-                assert cache.one_token == (capacity % 16 == 0)
-            results[capacity] = torch.cat(steps, dim=1).float()
+                assert cache.one_token
+            results[path] = torch.cat(steps, dim=1).float()
+    layers = TINY["num_hidden_layers"]
+    # 8 decode steps, every layer: with cos/sin (rotated in the kernel) or without (q/k norms first)
+    assert native_calls == [6 if variant == "base" else 4] * (8 * layers)
     tolerance = TOL if dtype == torch.float32 else 0.05 * full.abs().max()
-    assert (results[32] - full).abs().max() < tolerance
-    assert (results[32] - results[33]).abs().max() < tolerance
+    assert (results["native"] - full).abs().max() < tolerance
+    assert (results["native"] - results["sdpa"]).abs().max() < tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

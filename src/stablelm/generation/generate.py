@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..models.cache import BLOCK, KVCache
+from ..models.cache import KVCache
 from . import sampling
 from .config import GenerationConfig
 from .streaming import StopScanner
@@ -152,7 +152,7 @@ def _stopped(sequences: torch.Tensor, eos: torch.Tensor, max_length: int, stops:
 @torch.inference_mode()
 def _sample(model, input_ids, attention_mask, gc: GenerationConfig, max_length: int, eos, stops, streamer):
     batch, prompt_len = input_ids.shape
-    cache = KVCache.for_model(model, batch, -(-max_length // BLOCK) * BLOCK)
+    cache = KVCache.for_model(model, batch, max_length)
     # Preallocated once: the decode loop only writes into these, whatever the length.
     sequences = input_ids.new_empty(batch, max_length)
     sequences[:, :prompt_len] = input_ids

@@ -372,14 +372,13 @@ void decode_run(const void* qp, const void* kp, const void* vp, const void* cos,
   // Threads only where the work pays for waking them (a short context is a few microseconds in one).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, group * count * d));
   at::parallel_for(0, hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(group * count), acc(group * d);
+    std::vector<float> s(group * count), acc(group * d), total(group);
     for (int64_t kv = begin; kv < end; ++kv) {
       const void* kc = static_cast<const char*>(keys) + kv * capacity * d * elem;
       const void* vc = static_cast<const char*>(values) + kv * capacity * d * elem;
       const float* qg = q.data() + kv * group * d;
       if (simd) scores_avx2<kind>(qg, group, kc, count, d, scale, s.data());
       else scores_scalar<kind>(qg, group, kc, count, d, scale, s.data());
-      std::vector<float> total(group);
       for (int64_t g = 0; g < group; ++g) {
         float* sg = s.data() + g * count;
         float top = -std::numeric_limits<float>::infinity();

@@ -274,9 +274,7 @@ class Native16(LinearFormat):
             return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, None, self.isa, self.bias)
         return None
 
-    def matmul(self, x):
-        if x.shape[0] <= self.native_rows:
-            return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, None, self.isa)
+    def matmul(self, x):  # past native_rows (decode takes the rest)
         if kernels.fast_16bit_matmul(self.compute_dtype):
             return F.linear(x, self.weight)
         return self._dense_matmul(x, lambda out: out.copy_(self.weight))
@@ -354,11 +352,7 @@ class Int8Native(Int8Base):
             return torch.ops.stablelm_kernels.gemv_q16(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
         return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
 
-    def matmul(self, x):
-        if x.shape[0] <= self.native_rows:
-            if self.isa >= kernels.ISA_LEVELS.index("avx2"):  # int16 activations, integer dot products
-                return torch.ops.stablelm_kernels.gemv_q16(x.float().contiguous(), self.weight, self.scale32, self.isa)
-            return torch.ops.stablelm_kernels.gemv(x.float().contiguous(), self.weight, self.scale32, self.isa)
+    def matmul(self, x):  # past native_rows (decode takes the rest)
         return self.prompt_matmul(x)
 
 
@@ -528,18 +522,16 @@ class Int4Native(Int4Base):
         return out
 
     def decode(self, x):
-        if x.shape[0] <= self.native_rows and self.isa >= kernels.ISA_LEVELS.index("avx2"):
+        if x.shape[0] > self.native_rows:
+            return None
+        if self.isa >= kernels.ISA_LEVELS.index("avx2"):  # int8 activations, integer dot products
             return torch.ops.stablelm_kernels.gemv_q8(x.contiguous(), self.weight, self.kernel_scale, self.kernel_zero,
                                                       self.group_size, self.isa, self.bias)
-        return None
+        y = torch.ops.stablelm_kernels.gemv_int4(x.float().contiguous(), self.weight, self.scale32, self.offset,
+                                                 self.group_size, self.isa)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
-    def matmul(self, x):
-        if x.shape[0] <= self.native_rows:
-            if self.isa >= kernels.ISA_LEVELS.index("avx2"):  # int8 activations, integer dot products
-                return torch.ops.stablelm_kernels.gemv_q8(x.float().contiguous(), self.weight, self.kernel_scale,
-                                                          self.kernel_zero, self.group_size, self.isa)
-            return torch.ops.stablelm_kernels.gemv_int4(x.float().contiguous(), self.weight, self.scale32, self.offset,
-                                                        self.group_size, self.isa)
+    def matmul(self, x):  # past native_rows (decode takes the rest)
         return self._dense_matmul(x, self.dequantize_into)
 
 

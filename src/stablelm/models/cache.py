@@ -13,8 +13,6 @@ import torch
 
 from .. import kernels
 
-BLOCK = 16  # the native decode attention reads a row's slots in blocks of this many (see `attend_one`)
-
 
 class KVCache:
     """Keys (after RoPE) and values for every layer: `keys[layer]` is (B, H_kv, capacity, D)."""
@@ -82,50 +80,28 @@ class KVCache:
         self._write_start, self._write_len = start, num_tokens
         self._write_index = None if len(set(start)) == 1 or num_tokens != 1 else torch.tensor(start, device=device)
         self.lengths = [s + num_tokens for s in start]
-        self.one_token = (num_tokens == 1 and self.batch_size == 1 and not self.has_holes and device.type == "cpu"
-                          and self.capacity % BLOCK == 0 and kernels.native_isa() is not None)
-        self._isa = min(kernels.native_isa(), 1) if self.one_token else 0  # the kernel's top level is AVX2
-        if self.one_token:
-            self._tables[2][0] = self.lengths[0]
+        isa = kernels.native_isa() if (num_tokens == 1 and self.batch_size == 1 and not self.has_holes
+                                       and device.type == "cpu") else None
+        self.one_token, self._isa = isa is not None, min(isa or 0, 1)  # the attention kernel's top level is AVX2
         return slots
 
-    @property
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The native kernel's view of row 0: its blocks in order, the segment's token range, its length."""
-        blocks = self.capacity // BLOCK
-        if getattr(self, "_table_cache", None) is None or self._table_cache[0].shape[1] != blocks:
-            self._table_cache = (torch.arange(blocks)[None], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.long))
-        return self._table_cache
-
-    def attend_rotary(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-        """Decoding at batch 1 (`one_token`) in one native call: the projections' q (1, 1, H * D) and k, v
-        (1, 1, H_kv * D) before RoPE; rotates q and k as `apply_rotary` does (rounding where torch rounds),
-        stores k/v in the slot and attends. Returns (1, 1, H * D), or None when the tensors are not all
-        contiguous in the cache's dtype (then the caller takes the general path)."""
+    def attend_one(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Decoding at batch 1 (`one_token`) in one native call: store the token's key/value in its slot of
+        `layer` and attend to every written slot. With cos/sin, query and key are the projections' output
+        before RoPE and are rotated first, exactly as `apply_rotary` rounds; without, they are rotated already.
+        Takes any shape holding one token's H (query) or H_kv (key, value) heads of D; returns (1, 1, H * D).
+        None when a tensor is not contiguous in the cache's dtype: the caller then takes the general path.
+        (SDPA's one-query path costs ~120 us a layer on a short context, mostly overhead.)"""
         k_buf, v_buf = self.keys[layer], self.values[layer]
-        dtype = k_buf.dtype
-        if any(t.dtype != dtype or not t.is_contiguous() for t in (query, key, value, cos, sin)):
+        if cos is None:
+            cos = sin = k_buf.new_empty(0)  # nothing left to rotate
+        if any(t.dtype != k_buf.dtype or not t.is_contiguous() for t in (query, key, value, cos, sin)):
             return None
         out = torch.ops.stablelm_kernels.decode_attention(query, key, value, cos, sin, k_buf[0], v_buf[0],
                                                           self.lengths[0] - 1, 1.0 / math.sqrt(k_buf.shape[-1]),
                                                           self._isa)
         return out.view(1, 1, -1)
-
-    def attend_one(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Decoding at batch 1 (`one_token`): store the token's key/value (1, H_kv, 1, D) for `layer` and attend
-        to every written slot with the native kernel (one pass over the cache, online softmax in fp32).
-        query (1, H, 1, D); returns (1, H, 1, D) in the query's dtype. SDPA's one-query path costs 5-10x more
-        on a short context, where it is mostly overhead."""
-        k_buf, v_buf = self.keys[layer], self.values[layer]
-        slot = self.lengths[0] - 1
-        k_buf[:, :, slot] = key[:, :, 0]
-        v_buf[:, :, slot] = value[:, :, 0]
-        h, d = query.shape[1], query.shape[3]
-        blocks, starts, lengths = self._tables
-        out = torch.ops.stablelm_kernels.paged_attention(query.reshape(1, h, d).float(), k_buf[0], v_buf[0], blocks,
-                                                         starts, lengths, BLOCK, 1.0 / math.sqrt(d), self._isa)
-        return out.to(query.dtype).view(1, h, 1, d)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's key/value (B, H_kv, S, D) for `layer`; return all keys/values so far."""
@@ -198,7 +174,6 @@ class KVCache:
         self.lengths = [self.lengths[i] for i in index.tolist()]
 
     def _grow(self, capacity: int) -> None:
-        capacity = -(-capacity // BLOCK) * BLOCK
         for layer in range(len(self.keys)):
             for bufs in (self.keys, self.values):
                 old = bufs[layer]

@@ -182,9 +182,9 @@ class StableLmAttention(nn.Module):
                 mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv_proj(x)
-        if cache is not None and not cache.paged and cache.one_token and not self.training \
-                and not hasattr(self, "q_layernorm"):
-            out = cache.attend_rotary(self.layer_idx, q, k, v, cos, sin)  # one native call for the whole step
+        one_token = cache is not None and not cache.paged and cache.one_token and not self.training
+        if one_token and not hasattr(self, "q_layernorm"):  # rotary, slot write and attention in one native call
+            out = cache.attend_one(self.layer_idx, q, k, v, cos, sin)
             if out is not None:
                 return self.o_proj(out)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
@@ -197,9 +197,10 @@ class StableLmAttention(nn.Module):
         if cache is not None and cache.paged:  # the serving engine's block pool attends itself
             out = cache.attend(self.layer_idx, q, k, v, self.attn_implementation)
             return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-        if cache is not None and cache.one_token and not self.training:
+        if one_token:  # q and k normed and rotated above: the kernel writes the slot and attends
             out = cache.attend_one(self.layer_idx, q, k, v)
-            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+            if out is not None:
+                return self.o_proj(out)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         dropout = self.attention_dropout if self.training else 0.0
