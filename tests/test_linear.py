@@ -309,6 +309,63 @@ def test_native_kernels_take_16bit_rows_and_a_bias(isa, dtype):
         assert torch.equal(call(x), call(x.float()).to(dtype))
 
 
+def simd_levels():
+    """The native levels from AVX2 up (the GEMM's), each skipped with the reason where it cannot run."""
+    return [level for level in native_levels() if level.values[0] != 0]
+
+
+@pytest.mark.parametrize("isa", simd_levels())
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.int8, "int4"])
+def test_native_gemm_equals_torch(isa, wdtype):
+    """The prompt GEMM against float64: rows not a multiple of its 6-row strips, outputs not a multiple of its
+    16-column panels, K not a multiple of 8 and past one 256-input block, int4 groups of 32 to 128; 16-bit x
+    and a bias give exactly `(gemm(x.float()) + bias).to(dtype)`."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 1, 64), (5, 17, 96), (7, 33, 264), (13, 50, 600), (40, 130, 512), (6, 16, 2048)]:
+        x = torch.randn(m, k, generator=g)
+        if wdtype == "int4":
+            if k % 32:
+                continue
+            group = next(size for size in (128, 96, 64, 32) if k % size == 0)
+            q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+            scale, offset = torch.rand(n, k // group, generator=g), torch.randn(n, k // group, generator=g)
+            blocks = q.view(n, k // 32, 2, 16)
+            weight = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+            dense = (q.double().view(n, -1, group) * scale.double()[..., None] + offset.double()[..., None])
+            expected = x.double() @ dense.view(n, k).T
+            args = (scale, offset, group)
+        elif wdtype == torch.int8:
+            weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            scale = torch.rand(n, generator=g)
+            expected = x.double() @ (weight.double() * scale.double()[:, None]).T
+            args = (scale, None, 0)
+        else:
+            weight = torch.randn(n, k, generator=g).to(wdtype)
+            expected = x.double() @ weight.double().T
+            args = (None, None, 0)
+        got = kernels.gemm(x, weight, *args, isa=isa)
+        assert got.dtype == torch.float32
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() * max(1, k / 256), (m, n, k)
+        for dtype in (torch.bfloat16, torch.float16):
+            bias = torch.randn(n, generator=g).to(dtype)
+            xs = x.to(dtype)
+            assert torch.equal(kernels.gemm(xs, weight, *args, isa=isa, bias=bias),
+                               (kernels.gemm(xs.float(), weight, *args, isa=isa) + bias.float()).to(dtype))
+
+
+@pytest.mark.parametrize("isa", simd_levels())
+def test_native_gemm_rows_do_not_depend_on_their_neighbours(isa):
+    """Every output is summed in one order whatever rows share the call: a prompt's row equals the same row
+    multiplied alone, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 300, generator=g)
+    weight = torch.randn(40, 300, generator=g).bfloat16()
+    whole = kernels.gemm(x, weight, isa=isa)
+    for i in (0, 5, 6, 22):
+        assert torch.equal(kernels.gemm(x[i:i + 1].contiguous(), weight, isa=isa), whole[i:i + 1])
+    assert torch.equal(kernels.gemm(x[7:20].contiguous(), weight, isa=isa), whole[7:20])
+
+
 def test_native_kernels_refuse_bad_input():
     if kernels.native_ops() is None:
         pytest.skip("the native kernels are not built here")
@@ -327,6 +384,12 @@ def test_native_kernels_refuse_bad_input():
     with pytest.raises(ValueError, match="group"):
         kernels.gemv_int4(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1),
                           torch.ones(4, 1), 48)
+    with pytest.raises(ValueError, match="AVX2 and up, not scalar"):
+        kernels.gemm(torch.randn(1, 16), torch.randn(4, 16).bfloat16(), isa=0)
+    with pytest.raises(ValueError, match="offset"):
+        kernels.gemm(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1), None, 64)
+    with pytest.raises(ValueError, match="scale of 4 rows"):
+        kernels.gemm(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8))
 
 
 def test_int4_layout_of_torch_is_derived_not_assumed():

@@ -197,6 +197,35 @@ def gemv_q16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: in
     return torch.ops.stablelm_kernels.gemv_q16(x, weight, scale, _check_isa(isa), _bias(bias, weight.shape[0]))
 
 
+def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+         group: int = 0, isa: int = -1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt rows: x (M, K) float32/bfloat16/float16 @ weight -> (M, N) in x's dtype, `bias` added before the
+    one rounding. weight: (N, K) bf16 / fp16, int8 (outputs times `scale` (N,) float32), or int4 packed as
+    gemv_int4's (N, K / 2) uint8 with `scale` and `offset` (N, K / group) float32, w = q * scale + offset.
+    A blocked fp32 GEMM (AVX2 and up; below it the caller multiplies in torch): each output summed in one
+    order, whatever rows are beside it."""
+    if weight.dim() != 2 or not weight.is_contiguous() or \
+            weight.dtype not in (torch.bfloat16, torch.float16, torch.int8, torch.uint8):
+        raise ValueError(f"gemm: weight must be a contiguous (N, K) bf16, fp16, int8 or packed int4 (uint8) tensor, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape[0], weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+    _check_rows(x, k)
+    if weight.dtype == torch.int8 and (scale is None or scale.dtype != torch.float32 or not scale.is_contiguous()
+                                       or scale.numel() != n):
+        raise ValueError(f"gemm: int8 weights need a contiguous float32 scale of {n} rows")
+    if weight.dtype == torch.uint8:
+        if group <= 0 or group % 32 or k % group:
+            raise ValueError(f"gemm: group {group} must be a multiple of 32 that divides K = {k}")
+        for name, t in (("scale", scale), ("offset", offset)):
+            if t is None or t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n * (k // group):
+                raise ValueError(f"gemm: int4 weights need a contiguous float32 {name} ({n}, {k // group})")
+    isa = _check_isa(isa)
+    level = _best_isa() if isa < 0 else isa
+    if level < ISA_LEVELS.index("avx2"):
+        raise ValueError(f"gemm: runs at AVX2 and up, not {ISA_LEVELS[level]} (below it, multiply in torch)")
+    return torch.ops.stablelm_kernels.gemm(x, weight, scale, offset, group, isa, _bias(bias, n))
+
+
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor,
                     starts: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float,
                     isa: int = -1) -> torch.Tensor:

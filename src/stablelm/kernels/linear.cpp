@@ -588,6 +588,165 @@ float param_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kBFloat16 ? float(t.data_ptr<c10::BFloat16>()[i]) : t.data_ptr<float>()[i];
 }
 
+// ---- prompt products (AVX2 GEMM) -----------------------------------------------------------------
+// Past a few dozen rows a product is bound by arithmetic, not by the weight's bytes, so prompts take a
+// blocked GEMM: the weight is widened to fp32 one panel at a time (kKc inputs x 16 outputs, 16 KB, in L1),
+// the activations are packed once in strips of 6 rows, and a 6 x 16 register tile (12 accumulators) is
+// updated with one FMA per weight vector and broadcast activation. The weight is never converted whole,
+// so prompts need no fp32 copy of it. Each output is summed in one fixed order whatever the rows beside
+// it, and is computed by one thread.
+constexpr int kMr = 6, kNr = 16;
+constexpr int64_t kKc = 256, kMc = 8 * kMr, kNc = 24 * kNr;
+
+enum PanelKind { kPanelBF16, kPanelF16, kPanelI8, kPanelI4 };
+
+// The weight as the prompt product reads it: int8 values q with an fp32 scale per row applied to the
+// outputs; int4 values q (0..15) in gemv_int4's layout, w = q * scale + offset (multiply, then add, as the
+// dense path dequantizes), scale and offset fp32 per group.
+struct PanelWeight {
+  const void* data;
+  int64_t n, k;
+  const float* scale;
+  const float* offset;
+  int64_t group;
+};
+
+template <PanelKind kind>
+inline float widen_scalar(const PanelWeight& w, int64_t row, int64_t i) {
+  if constexpr (kind == kPanelBF16) return load_scalar<kBF16>(w.data, row * w.k + i);
+  else if constexpr (kind == kPanelF16) return load_scalar<kF16>(w.data, row * w.k + i);
+  else if constexpr (kind == kPanelI8) return load_scalar<kI8>(w.data, row * w.k + i);
+  else {
+    const uint8_t byte = static_cast<const uint8_t*>(w.data)[(row * w.k + i - i % 32) / 2 + i % 16];
+    const int64_t g = row * (w.k / w.group) + i / w.group;
+    return float(i % 32 < 16 ? byte & 0xF : byte >> 4) * w.scale[g] + w.offset[g];
+  }
+}
+
+// Inputs [i, i + 8) of one row (i % 8 == 0), widened to fp32.
+template <PanelKind kind>
+AVX2 inline __m256 widen8(const PanelWeight& w, int64_t row, int64_t i) {
+  if constexpr (kind == kPanelBF16) return load8<kBF16>(w.data, row * w.k + i);
+  else if constexpr (kind == kPanelF16) return load8<kF16>(w.data, row * w.k + i);
+  else if constexpr (kind == kPanelI8) return load8<kI8>(w.data, row * w.k + i);
+  else {
+    const uint8_t* bytes = static_cast<const uint8_t*>(w.data) + (row * w.k + i - i % 32) / 2 + i % 16;
+    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+    q = i % 32 < 16 ? _mm256_and_si256(q, _mm256_set1_epi32(0xF)) : _mm256_srli_epi32(q, 4);
+    const int64_t g = row * (w.k / w.group) + i / w.group;
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(w.scale[g])),
+                         _mm256_set1_ps(w.offset[g]));
+  }
+}
+
+// Panel (kc x 16, row-major) of outputs [n0, n0 + 16) and inputs [k0, k0 + kc), widened to fp32; outputs
+// past N are zeros. Full panels go eight inputs at a time through an 8 x 8 transpose in registers.
+template <PanelKind kind>
+AVX2 void pack_panel(const PanelWeight& w, int64_t n0, int64_t k0, int64_t kc, float* panel) {
+  const int cols = int(std::min<int64_t>(kNr, w.n - n0));
+  int64_t p = 0;
+  if (cols == kNr) {
+    for (; p + 8 <= kc; p += 8) {
+      for (int half = 0; half < 2; ++half) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = widen8<kind>(w, n0 + half * 8 + j, k0 + p);
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 s[8] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE),
+                             _mm256_shuffle_ps(t4, t6, 0x44), _mm256_shuffle_ps(t4, t6, 0xEE),
+                             _mm256_shuffle_ps(t5, t7, 0x44), _mm256_shuffle_ps(t5, t7, 0xEE)};
+        for (int q = 0; q < 4; ++q) {
+          _mm256_store_ps(panel + (p + q) * kNr + half * 8, _mm256_permute2f128_ps(s[q], s[q + 4], 0x20));
+          _mm256_store_ps(panel + (p + q + 4) * kNr + half * 8, _mm256_permute2f128_ps(s[q], s[q + 4], 0x31));
+        }
+      }
+    }
+  }
+  for (; p < kc; ++p)
+    for (int j = 0; j < kNr; ++j) panel[p * kNr + j] = j < cols ? widen_scalar<kind>(w, n0 + j, k0 + p) : 0.f;
+}
+
+// c (rows x cols of a 6 x 16 tile, row stride ldc) = (first ? 0 : c) + a (kc x 6) . b (kc x 16), then
+// times the outputs' scale where one is given (the last block of inputs of an int8 weight).
+AVX2 void gemm_tile(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int rows, int cols, bool first,
+                    const float* scale) {
+  // Twelve named accumulators: GCC keeps an array of them in memory across the loop.
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t p = 0; p < kc; ++p, a += kMr, b += kNr) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    __m256 ar = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(ar, b0, c00), c01 = _mm256_fmadd_ps(ar, b1, c01);
+    ar = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(ar, b0, c10), c11 = _mm256_fmadd_ps(ar, b1, c11);
+    ar = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(ar, b0, c20), c21 = _mm256_fmadd_ps(ar, b1, c21);
+    ar = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(ar, b0, c30), c31 = _mm256_fmadd_ps(ar, b1, c31);
+    ar = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(ar, b0, c40), c41 = _mm256_fmadd_ps(ar, b1, c41);
+    ar = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(ar, b0, c50), c51 = _mm256_fmadd_ps(ar, b1, c51);
+  }
+  const __m256 acc[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (rows == kMr && cols == kNr) {
+    for (int r = 0; r < kMr; ++r)
+      for (int h = 0; h < 2; ++h) {
+        float* out = c + r * ldc + 8 * h;
+        __m256 v = first ? acc[r][h] : _mm256_add_ps(_mm256_loadu_ps(out), acc[r][h]);
+        if (scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + 8 * h));
+        _mm256_storeu_ps(out, v);
+      }
+    return;
+  }
+  alignas(32) float t[kMr][kNr];
+  for (int r = 0; r < kMr; ++r) {
+    _mm256_store_ps(t[r], acc[r][0]);
+    _mm256_store_ps(t[r] + 8, acc[r][1]);
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < cols; ++j) {
+      float v = first ? t[r][j] : c[r * ldc + j] + t[r][j];
+      c[r * ldc + j] = scale ? v * scale[j] : v;
+    }
+}
+
+// y (M, N) fp32 = x (M, K) fp32 . W^T, outputs split between threads in strips of 16.
+template <PanelKind kind>
+void gemm_avx2(const float* x, int64_t m, const PanelWeight& w, const float* out_scale, float* y) {
+  const int64_t n = w.n, k = w.k, strips = (m + kMr - 1) / kMr;
+  // Activations in strips of 6 rows, input-major: strip s holds x[6s + r][p] at (s * k + p) * 6 + r.
+  std::vector<float> a(strips * k * kMr);
+  at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t p = 0; p < k; ++p)
+        for (int r = 0; r < kMr; ++r) a[(s * k + p) * kMr + r] = s * kMr + r < m ? x[(s * kMr + r) * k + p] : 0.f;
+  });
+  at::parallel_for(0, (n + kNr - 1) / kNr, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> storage(kNc * kKc + 8);  // the panels, 32-byte aligned
+    float* panels = storage.data() + (8 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 8) % 8;
+    for (int64_t jc = j0; jc < j1; jc += kNc / kNr) {
+      const int64_t jn = std::min(j1, jc + kNc / kNr);
+      for (int64_t pc = 0; pc < k; pc += kKc) {
+        const int64_t kc = std::min(kKc, k - pc);
+        const bool first = pc == 0, last = pc + kc == k;
+        for (int64_t j = jc; j < jn; ++j) pack_panel<kind>(w, j * kNr, pc, kc, panels + (j - jc) * kKc * kNr);
+        for (int64_t ic = 0; ic < strips; ic += kMc / kMr) {
+          const int64_t in = std::min(strips, ic + kMc / kMr);
+          for (int64_t j = jc; j < jn; ++j)
+            for (int64_t s = ic; s < in; ++s)
+              gemm_tile(a.data() + (s * k + pc) * kMr, panels + (j - jc) * kKc * kNr, kc, y + s * kMr * n + j * kNr, n,
+                        int(std::min<int64_t>(kMr, m - s * kMr)), int(std::min<int64_t>(kNr, n - j * kNr)), first,
+                        last && out_scale ? out_scale + j * kNr : nullptr);
+        }
+      }
+    }
+  });
+}
+
 // ---- entry points --------------------------------------------------------------------------------
 void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
@@ -601,8 +760,11 @@ at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat 
 
 template <typename O, typename B>
 void finish_rows(const float* y, const B* bias, O* out, int64_t m, int64_t n) {
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < n; ++j) out[r * n + j] = O(y[r * n + j] + (bias ? float(bias[j]) : 0.f));
+  // Rows split between threads from ~64K outputs (a prompt's rows; a decode step's stay on this one).
+  at::parallel_for(0, m, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < n; ++j) out[r * n + j] = O(y[r * n + j] + (bias ? float(bias[j]) : 0.f));
+  });
 }
 
 template <typename O>
@@ -841,6 +1003,46 @@ at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::
   return finish(y, bias, x_in.scalar_type());
 }
 
+// Prompt rows: x (M, K) fp32/bf16/fp16 times weight (N, K) bf16 / fp16 / int8 (scale (N,) fp32: outputs
+// times scale) or packed int4 as gemv_int4 (scale and offset (N, K / group) fp32), plus the bias, in x's dtype.
+at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa,
+                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "stablelm kernels: weight must be contiguous (N, K)");
+  const bool int4 = weight.scalar_type() == at::kByte;
+  const int64_t n = weight.size(0), k = weight.size(1) * (int4 ? 2 : 1), m = x_in.size(0);
+  check_x(x_in, k);
+  TORCH_CHECK(resolve_isa(isa) >= kAvx2, "stablelm kernels: gemm needs AVX2 (the caller multiplies in torch below it)");
+  PanelWeight w{weight.data_ptr(), n, k, nullptr, nullptr, group};
+  const float* out_scale = nullptr;
+  if (weight.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat && scale->numel() == n && scale->is_contiguous(),
+                "stablelm kernels: int8 weights need a contiguous float32 scale per row");
+    out_scale = scale->data_ptr<float>();
+  } else if (int4) {
+    TORCH_CHECK(group > 0 && group % 32 == 0 && k % group == 0,
+                "stablelm kernels: group ", group, " must be a multiple of 32 dividing K");
+    for (const auto* t : {&scale, &offset})
+      TORCH_CHECK(t->has_value() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+                      (*t)->numel() == n * (k / group),
+                  "stablelm kernels: int4 scale and offset must be contiguous float32 (N, K / group)");
+    w.scale = scale->data_ptr<float>();
+    w.offset = offset->data_ptr<float>();
+  }
+  const at::Tensor x = as_float(x_in);
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (weight.scalar_type()) {
+    case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, yp); break;
+    case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, yp); break;
+    case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, yp); break;
+    case at::kByte: gemm_avx2<kPanelI4>(xp, m, w, nullptr, yp); break;
+    default: TORCH_CHECK(false, "stablelm kernels: weight dtype ", weight.scalar_type(), " has no prompt product");
+  }
+  return finish(y, bias, x_in.scalar_type());
+}
+
 int64_t isa_level() { return best_isa(); }
 
 }  // namespace
@@ -850,5 +1052,6 @@ TORCH_LIBRARY(stablelm_kernels, m) {
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group, int isa) -> Tensor", gemv_int4);
   m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? zero, int group, int isa, Tensor? bias=None) -> Tensor", gemv_q8);
   m.def("gemv_q16(Tensor x, Tensor weight, Tensor scale, int isa, Tensor? bias=None) -> Tensor", gemv_q16);
+  m.def("gemm(Tensor x, Tensor weight, Tensor? scale, Tensor? offset, int group, int isa, Tensor? bias=None) -> Tensor", gemm);
   m.def("isa_level() -> int", isa_level);
 }

@@ -130,9 +130,9 @@ class LinearFormat(nn.Module):
         """x (M, K) in the compute dtype -> (M, N), any floating dtype, without the bias."""
         raise NotImplementedError
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x (M, K) in the compute dtype -> (M, N) in that dtype with the bias added, for the rows a native
-        kernel takes whole (it widens x, adds the bias and rounds once, as `(matmul(x) + bias).to(dtype)`
+    def native(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (M, K) in the compute dtype -> (M, N) in that dtype with the bias added, when a native kernel
+        takes these rows whole (it widens x, adds the bias and rounds once, as `(matmul(x) + bias).to(dtype)`
         does); None otherwise, and `matmul` runs."""
         return None
 
@@ -158,7 +158,7 @@ class LinearFormat(nn.Module):
             y = x.new_zeros(0, self.out_features, dtype=self.compute_dtype)
         else:
             rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-            y = self.decode(rows)
+            y = self.native(rows)
             if y is not None:  # bias added, in the compute dtype
                 return self._finish(y, x, shape)
             y = self.matmul(rows)
@@ -183,6 +183,9 @@ class LinearFormat(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, format={self.name}, splits={self.splits}"
+
+
+AVX2 = kernels.ISA_LEVELS.index("avx2")
 
 
 def _cpu_only(device: torch.device) -> str | None:
@@ -257,7 +260,7 @@ class Native16(LinearFormat):
     name = "native"
     keeps_weight = True
     dtypes = (torch.bfloat16, torch.float16)
-    native_rows = 128  # the dense path (weight converted, then fp32 GEMM) is faster from here (AVX2 EPYC)
+    native_rows = 32  # the GEMM (gemm) is faster from here (AVX2 EPYC: 20 vs 25 ms at 64 rows of 2048 -> 11264)
 
     @classmethod
     def unavailable(cls, dtype, device):
@@ -269,12 +272,14 @@ class Native16(LinearFormat):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.isa = kernels.native_isa()
 
-    def decode(self, x):
+    def native(self, x):
         if x.shape[0] <= self.native_rows:
             return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, None, self.isa, self.bias)
+        if self.isa >= AVX2 and not kernels.fast_16bit_matmul(self.compute_dtype):
+            return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, None, None, 0, self.isa, self.bias)
         return None
 
-    def matmul(self, x):  # past native_rows (decode takes the rest)
+    def matmul(self, x):  # prompts past native_rows, below AVX2 or where torch has a native 16-bit matmul
         if kernels.fast_16bit_matmul(self.compute_dtype):
             return F.linear(x, self.weight)
         return self._dense_matmul(x, lambda out: out.copy_(self.weight))
@@ -334,7 +339,7 @@ class Int8Native(Int8Base):
 
     name = "int8-native"
     activation_bits = 16
-    native_rows = 128  # the dense path is as fast from ~200 rows (AVX2 EPYC, int16 activations)
+    native_rows = 48  # the GEMM (gemm) is faster from here (AVX2 EPYC: 12.5 vs 13.7 ms at 32 rows, 37 vs 49 at 128)
 
     @classmethod
     def unavailable(cls, dtype, device):
@@ -345,14 +350,17 @@ class Int8Native(Int8Base):
         self.register_buffer("scale32", self.scale.float(), persistent=False)
         self.isa = kernels.native_isa()
 
-    def decode(self, x):
+    def native(self, x):
         if x.shape[0] > self.native_rows:
-            return None
-        if self.isa >= kernels.ISA_LEVELS.index("avx2"):
+            if self.isa < AVX2:
+                return None
+            return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, self.scale32, None, 0, self.isa,
+                                                   self.bias)
+        if self.isa >= AVX2:
             return torch.ops.stablelm_kernels.gemv_q16(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
         return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
 
-    def matmul(self, x):  # past native_rows (decode takes the rest)
+    def matmul(self, x):  # prompts past native_rows below AVX2
         return self.prompt_matmul(x)
 
 
@@ -494,7 +502,7 @@ class Int4Native(Int4Base):
 
     name = "int4-native"
     activation_bits = 8
-    native_rows = 256  # the dense path (weight unpacked, then fp32 GEMM) is faster from ~400 rows (AVX2 EPYC)
+    native_rows = 96  # the GEMM (gemm) is faster from here (AVX2 EPYC: 21 vs 18 ms at 64 rows, 37 vs 42 at 128)
 
     @classmethod
     def unavailable(cls, dtype, device):
@@ -521,17 +529,20 @@ class Int4Native(Int4Base):
         values[..., 16:] = blocks >> 4
         return out
 
-    def decode(self, x):
+    def native(self, x):
         if x.shape[0] > self.native_rows:
-            return None
-        if self.isa >= kernels.ISA_LEVELS.index("avx2"):  # int8 activations, integer dot products
+            if self.isa < AVX2:
+                return None
+            return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, self.scale32, self.offset,
+                                                   self.group_size, self.isa, self.bias)
+        if self.isa >= AVX2:  # int8 activations, integer dot products
             return torch.ops.stablelm_kernels.gemv_q8(x.contiguous(), self.weight, self.kernel_scale, self.kernel_zero,
                                                       self.group_size, self.isa, self.bias)
         y = torch.ops.stablelm_kernels.gemv_int4(x.float().contiguous(), self.weight, self.scale32, self.offset,
                                                  self.group_size, self.isa)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
-    def matmul(self, x):  # past native_rows (decode takes the rest)
+    def matmul(self, x):  # prompts past native_rows below AVX2
         return self._dense_matmul(x, self.dequantize_into)
 
 
