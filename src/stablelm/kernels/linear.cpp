@@ -714,16 +714,18 @@ AVX2 void gemm_tile(const float* a, const float* b, int64_t kc, float* c, int64_
     }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 . W^T, outputs split between threads in strips of 16.
-template <PanelKind kind>
-void gemm_avx2(const float* x, int64_t m, const PanelWeight& w, const float* out_scale, float* y) {
+// x (M, K) of type X (float, c10::BFloat16, c10::Half) -> y (M, N) fp32 = x . W^T, outputs split between
+// threads in strips of 16.
+template <PanelKind kind, typename X>
+void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_scale, float* y) {
   const int64_t n = w.n, k = w.k, strips = (m + kMr - 1) / kMr;
-  // Activations in strips of 6 rows, input-major: strip s holds x[6s + r][p] at (s * k + p) * 6 + r.
+  // Activations widened to fp32 in strips of 6 rows, input-major: x[6s + r][p] at (s * k + p) * 6 + r.
   std::vector<float> a(strips * k * kMr);
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t p = 0; p < k; ++p)
-        for (int r = 0; r < kMr; ++r) a[(s * k + p) * kMr + r] = s * kMr + r < m ? x[(s * kMr + r) * k + p] : 0.f;
+        for (int r = 0; r < kMr; ++r)
+          a[(s * k + p) * kMr + r] = s * kMr + r < m ? float(x[(s * kMr + r) * k + p]) : 0.f;
   });
   at::parallel_for(0, (n + kNr - 1) / kNr, 1, [&](int64_t j0, int64_t j1) {
     std::vector<float> storage(kNc * kKc + 8);  // the panels, 32-byte aligned
@@ -1029,17 +1031,22 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::opt
     w.scale = scale->data_ptr<float>();
     w.offset = offset->data_ptr<float>();
   }
-  const at::Tensor x = as_float(x_in);
-  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const float* xp = x.data_ptr<float>();
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf || int4 ||
+                  weight.scalar_type() == at::kChar,
+              "stablelm kernels: weight dtype ", weight.scalar_type(), " has no prompt product");
+  auto y = at::empty({m, n}, x_in.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
-  switch (weight.scalar_type()) {
-    case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, yp); break;
-    case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, yp); break;
-    case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, yp); break;
-    case at::kByte: gemm_avx2<kPanelI4>(xp, m, w, nullptr, yp); break;
-    default: TORCH_CHECK(false, "stablelm kernels: weight dtype ", weight.scalar_type(), " has no prompt product");
-  }
+  const auto run = [&](const auto* xp) {
+    switch (weight.scalar_type()) {
+      case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, yp); break;
+      case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, yp); break;
+      case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, yp); break;
+      default: gemm_avx2<kPanelI4>(xp, m, w, nullptr, yp);
+    }
+  };
+  if (x_in.scalar_type() == at::kBFloat16) run(x_in.data_ptr<c10::BFloat16>());
+  else if (x_in.scalar_type() == at::kHalf) run(x_in.data_ptr<c10::Half>());
+  else run(x_in.data_ptr<float>());
   return finish(y, bias, x_in.scalar_type());
 }
 
