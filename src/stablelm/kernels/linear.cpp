@@ -369,11 +369,10 @@ struct Rounded8 {
   at::Tensor q, d, sum;
 };
 
-Rounded8 round_int8(const at::Tensor& x, bool paired, int64_t group, bool avx2) {
-  const int64_t m = x.size(0), k = x.size(1), blocks = k / kBlock, groups = group ? k / group : 0;
-  Rounded8 out{at::empty({m, k}, x.options().dtype(at::kChar)), at::empty({m, paired ? blocks * 4 : blocks}, x.options()),
-               at::empty({m, groups}, x.options())};
-  const float* xp = x.data_ptr<float>();
+Rounded8 round_int8(const float* xp, int64_t m, int64_t k, bool paired, int64_t group, bool avx2) {
+  const int64_t blocks = k / kBlock, groups = group ? k / group : 0;
+  Rounded8 out{at::empty({m, k}, at::kChar), at::empty({m, paired ? blocks * 4 : blocks}, at::kFloat),
+               at::empty({m, groups}, at::kFloat)};
   int8_t* qp = out.q.data_ptr<int8_t>();
   float *dp = out.d.data_ptr<float>(), *sp = out.sum.data_ptr<float>();
   at::parallel_for(0, m, 4, [&](int64_t begin, int64_t end) {
@@ -758,7 +757,22 @@ void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.size(0) >= 1, "stablelm kernels: x has no rows");
 }
 
-at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
+// x's values as fp32 without an ATen call (one costs ~2 us, and decoding makes ~100 products a token): x's
+// own memory when it is fp32, else its values widened into this thread's scratch, valid until the next call.
+const float* widened(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  thread_local std::vector<float> scratch;
+  const int64_t count = x.numel();
+  scratch.resize(count);
+  if (x.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* p = x.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < count; ++i) scratch[i] = float(p[i]);
+  } else {
+    const c10::Half* p = x.data_ptr<c10::Half>();
+    for (int64_t i = 0; i < count; ++i) scratch[i] = float(p[i]);
+  }
+  return scratch.data();
+}
 
 template <typename O, typename B>
 void finish_rows(const float* y, const B* bias, O* out, int64_t m, int64_t n) {
@@ -814,16 +828,15 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "stablelm kernels: weight must be contiguous (N, K)");
   const int64_t n = weight.size(0), k = weight.size(1), m = x_in.size(0);
   check_x(x_in, k);
-  const at::Tensor x = as_float(x_in);
+  const float* xp = widened(x_in);
   isa = resolve_isa(isa);
-  auto y = at::empty({m, n}, x.options());
+  auto y = at::empty({m, n}, x_in.options().dtype(at::kFloat));
   const float* s = nullptr;
   if (weight.scalar_type() == at::kChar) {
     TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat && scale->numel() == n && scale->is_contiguous(),
                 "stablelm kernels: int8 weights need a contiguous float32 scale per row");
     s = static_cast<float*>(scale->data_ptr());
   }
-  const float* xp = static_cast<float*>(x.data_ptr());
   float* yp = static_cast<float*>(y.data_ptr());
   switch (weight.scalar_type()) {
     case at::kBFloat16: run<kBF16>(xp, m, weight.data_ptr(), nullptr, yp, n, k, isa); break;
@@ -878,7 +891,6 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& weight, const at::T
               "stablelm kernels: gemv_q8 takes contiguous int8 (N, K) or packed int4 (N, K / 2) weights");
   const int64_t n = weight.size(0), k = weight.size(1) * (int4 ? 2 : 1), m = x_in.size(0);
   check_x(x_in, k);
-  const at::Tensor x = as_float(x_in);
   TORCH_CHECK(k % kBlock == 0, "stablelm kernels: gemv_q8 needs K divisible by 32, got ", k);
   const int64_t groups = int4 ? k / group : 1;
   TORCH_CHECK(!int4 || (group % kBlock == 0 && k % group == 0 && zero.has_value()),
@@ -891,10 +903,10 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& weight, const at::T
               n * groups, " values");
   isa = resolve_isa(isa);
   const bool fast4 = isa >= kAvx2 && int4 && (group == 64 || group == 128);
-  const Rounded8 a = round_int8(x, fast4, int4 ? group : 0, isa >= kAvx2);
+  const Rounded8 a = round_int8(widened(x_in), m, k, fast4, int4 ? group : 0, isa >= kAvx2);
   const int8_t* qp = a.q.data_ptr<int8_t>();
   const float *dp = a.d.data_ptr<float>(), *xs = a.sum.data_ptr<float>();
-  auto y = at::empty({m, n}, x.options());
+  auto y = at::empty({m, n}, x_in.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const int64_t blocks = k / kBlock;
   if (fast4) {  // one weight row at a time (interleaving rows costs streaming speed), up to 4 activation rows
@@ -959,15 +971,14 @@ at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::
               "stablelm kernels: gemv_q16 takes contiguous int8 (N, K) weights");
   const int64_t n = weight.size(0), k = weight.size(1), m = x_in.size(0);
   check_x(x_in, k);
-  const at::Tensor x = as_float(x_in);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "stablelm kernels: gemv_q16 needs a contiguous float32 scale per row");
   isa = resolve_isa(isa);
   const bool simd = isa >= kAvx2 && k % 16 == 0;
   const int64_t blocks = (k + kBlock16 - 1) / kBlock16;
-  auto xq = at::empty({m, k}, x.options().dtype(at::kShort));
-  auto d = at::empty({m, blocks}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto xq = at::empty({m, k}, at::kShort);
+  auto d = at::empty({m, blocks}, at::kFloat);
+  const float* xp = widened(x_in);
   int16_t* qp = xq.data_ptr<int16_t>();
   float* dp = d.data_ptr<float>();
   at::parallel_for(0, m, 4, [&](int64_t begin, int64_t end) {
@@ -978,7 +989,7 @@ at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::
                                   : quantize16_scalar(xp + r * k + start, len, qp + r * k + start);
       }
   });
-  auto y = at::empty({m, n}, x.options());
+  auto y = at::empty({m, n}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
