@@ -260,7 +260,8 @@ class Mkldnn(LinearFormat):
 class Native16(LinearFormat):
     """bf16/fp16 weights read as stored and widened to fp32 in registers (stablelm.kernels): the decode
     path for CPUs without native 16-bit matmuls, at half the bytes of fp32 weights. Prompts past
-    `native_rows` rows convert the weight into the shared buffer and multiply in fp32 there."""
+    `native_rows` rows take the blocked GEMM (AVX2 and up), which widens the weight one panel at a time;
+    at the scalar level they convert the weight into the shared buffer and multiply in fp32 there."""
 
     name = "native"
     keeps_weight = True
@@ -340,7 +341,7 @@ class Int8Native(Int8Base):
     rounded to int16 per block of 128 (15 bits: more than their bf16 values hold) and the products summed in
     integers (vpmaddwd), 1.6x faster than widening every weight to fp32, which the scalar level still does.
     (Rounding the activations to int8, as int4-native does, drops the demo's decode-path agreement to
-    98.98 %, under the 99 % guard.)"""
+    98.98 %, under the 99 % guard.) Prompts past `native_rows` take the blocked GEMM (AVX2 and up)."""
 
     name = "int8-native"
     activation_bits = 16
@@ -503,7 +504,8 @@ class Int4Native(Int4Base):
     """int4 values in blocks of 32 inputs (byte j: input j low, input 16 + j high; ggml's Q4_0 order).
     Decoding rounds the activations to int8 per block of 32 (llama.cpp's Q8_0 trick) and sums the products
     in integers (AVX2 vpmaddubsw): 2.6x faster than widening every weight to fp32, which the scalar level
-    still does. Prompts dequantize into the shared buffer and multiply in floating point."""
+    still does. Prompts past `native_rows` take the blocked GEMM on the exact activations (AVX2 and up), or
+    dequantize into the shared buffer and multiply in floating point (scalar level)."""
 
     name = "int4-native"
     activation_bits = 8
