@@ -129,11 +129,12 @@ def measure(llm, args, vocab: int, load_s: float) -> dict:
     llm.reset()
     llm.eval(ids(8))  # warm-up
     for length in args.prompt_lengths:
-        llm.reset()
-        prompt = ids(length)
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        result[f"prefill_{length}_tok_s"] = length / (time.perf_counter() - t0)
+        for key in (f"prefill_{length}_first_tok_s", f"prefill_{length}_tok_s"):  # as stablelm.bench.measure
+            llm.reset()
+            prompt = ids(length)
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            result[key] = length / (time.perf_counter() - t0)
     llm.reset()
     llm.eval(ids(16))
     token = ids(1)[0]

@@ -717,10 +717,12 @@ AVX2 void gemm_tile(const float* a, const float* b, int64_t kc, float* c, int64_
     }
 }
 
-// x (M, K) of type X (float, c10::BFloat16, c10::Half) -> y (M, N) fp32 = x . W^T, outputs split between
-// threads in strips of 16.
-template <PanelKind kind, typename X>
-void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_scale, float* a, float* y) {
+// x (M, K) of type X (float, c10::BFloat16, c10::Half) -> out (M, N) of type O = x . W^T (+ bias), outputs
+// split between threads in strips of 16. Each thread sums one block of kNc outputs for every row in fp32 in
+// its own buffer, then adds the bias and rounds the block into `out` once: no (M, N) fp32 array is written
+// and read back.
+template <PanelKind kind, typename X, typename O, typename B>
+void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_scale, const B* bias, float* a, O* out) {
   const int64_t n = w.n, k = w.k, strips = (m + kMr - 1) / kMr;
   // a: the activations widened to fp32 in strips of 6 rows, input-major: x[6s + r][p] at (s * k + p) * 6 + r.
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
@@ -730,10 +732,15 @@ void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_sca
           a[(s * k + p) * kMr + r] = s * kMr + r < m ? float(x[(s * kMr + r) * k + p]) : 0.f;
   });
   at::parallel_for(0, (n + kNr - 1) / kNr, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<float> storage(kNc * kKc + 8);  // the panels, 32-byte aligned
+    // This thread's panels (32-byte aligned) and its block of products, kept from call to call (fresh pages
+    // fault slowly; see gemm).
+    thread_local std::vector<float> storage, block;
+    if (storage.size() < size_t(kNc * kKc + 8)) storage.resize(kNc * kKc + 8);
+    if (block.size() < size_t(strips * kMr * kNc)) block.resize(strips * kMr * kNc);
     float* panels = storage.data() + (8 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 8) % 8;
+    float* c = block.data();
     for (int64_t jc = j0; jc < j1; jc += kNc / kNr) {
-      const int64_t jn = std::min(j1, jc + kNc / kNr);
+      const int64_t jn = std::min(j1, jc + kNc / kNr), cols = std::min(n, jn * kNr) - jc * kNr;
       for (int64_t pc = 0; pc < k; pc += kKc) {
         const int64_t kc = std::min(kKc, k - pc);
         const bool first = pc == 0, last = pc + kc == k;
@@ -742,11 +749,15 @@ void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_sca
           const int64_t in = std::min(strips, ic + kMc / kMr);
           for (int64_t j = jc; j < jn; ++j)
             for (int64_t s = ic; s < in; ++s)
-              gemm_tile(a + (s * k + pc) * kMr, panels + (j - jc) * kKc * kNr, kc, y + s * kMr * n + j * kNr, n,
-                        int(std::min<int64_t>(kMr, m - s * kMr)), int(std::min<int64_t>(kNr, n - j * kNr)), first,
+              gemm_tile(a + (s * k + pc) * kMr, panels + (j - jc) * kKc * kNr, kc, c + s * kMr * kNc + (j - jc) * kNr,
+                        kNc, int(std::min<int64_t>(kMr, m - s * kMr)), int(std::min<int64_t>(kNr, n - j * kNr)), first,
                         last && out_scale ? out_scale + j * kNr : nullptr);
         }
       }
+      const int64_t n0 = jc * kNr;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          out[r * n + n0 + j] = O(c[r * kNc + j] + (bias ? float(bias[n0 + j]) : 0.f));
     }
   });
 }
@@ -1048,32 +1059,33 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf || int4 ||
                   weight.scalar_type() == at::kChar,
               "stablelm kernels: weight dtype ", weight.scalar_type(), " has no prompt product");
-  // The packed activations, and the fp32 products of 16-bit rows before their rounding, live in this thread's
-  // buffers from call to call: fresh pages cost more than the packing (first-touch faults run at ~1.3 GB/s on
-  // the VM of the README), and a prompt's forward makes four products a layer.
-  thread_local std::vector<float> packed, products;
+  // The packed activations live in this thread's buffer from call to call, as each worker's block of
+  // products does: fresh pages cost more than the packing (first-touch faults run at ~1.3 GB/s on the VM of
+  // the README), and a prompt's forward makes four products a layer.
+  thread_local std::vector<float> packed;
   const int64_t strips = (m + kMr - 1) / kMr;
   if (packed.size() < size_t(strips * k * kMr)) packed.resize(strips * k * kMr);
-  at::Tensor y;
-  if (x_in.scalar_type() == at::kFloat) {
-    y = at::empty({m, n}, at::kFloat);  // returned as it is
-  } else {
-    if (products.size() < size_t(m * n)) products.resize(m * n);
-    y = at::from_blob(products.data(), {m, n}, at::kFloat);
-  }
-  float* yp = y.data_ptr<float>();
-  const auto run = [&](const auto* xp) {
-    switch (weight.scalar_type()) {
-      case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, packed.data(), yp); break;
-      case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, packed.data(), yp); break;
-      case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, packed.data(), yp); break;
-      default: gemm_avx2<kPanelI4>(xp, m, w, nullptr, packed.data(), yp);
-    }
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous()),
+              "stablelm kernels: bias must be a contiguous (", n, ",) tensor");
+  at::Tensor out = at::empty({m, n}, x_in.options());
+  const auto with_bias = [&](const auto* xp, auto* op) {
+    const auto go = [&](const auto* bp) {
+      switch (weight.scalar_type()) {
+        case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
+        case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
+        case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, bp, packed.data(), op); break;
+        default: gemm_avx2<kPanelI4>(xp, m, w, nullptr, bp, packed.data(), op);
+      }
+    };
+    if (!bias.has_value()) go(static_cast<const float*>(nullptr));
+    else if (bias->scalar_type() == at::kBFloat16) go(bias->data_ptr<c10::BFloat16>());
+    else if (bias->scalar_type() == at::kHalf) go(bias->data_ptr<c10::Half>());
+    else go(bias->data_ptr<float>());
   };
-  if (x_in.scalar_type() == at::kBFloat16) run(x_in.data_ptr<c10::BFloat16>());
-  else if (x_in.scalar_type() == at::kHalf) run(x_in.data_ptr<c10::Half>());
-  else run(x_in.data_ptr<float>());
-  return finish(y, bias, x_in.scalar_type());
+  if (x_in.scalar_type() == at::kBFloat16) with_bias(x_in.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+  else if (x_in.scalar_type() == at::kHalf) with_bias(x_in.data_ptr<c10::Half>(), out.data_ptr<c10::Half>());
+  else with_bias(x_in.data_ptr<float>(), out.data_ptr<float>());
+  return out;
 }
 
 int64_t isa_level() { return best_isa(); }
