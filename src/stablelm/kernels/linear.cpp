@@ -18,6 +18,7 @@
 //                and offset, w = q * scale + offset. gemv_q8: fp32 or bf16 scale and zero as the checkpoint
 //                stores them, w = (q - 8) * scale + zero (bf16: 4.5 bits a weight, as ggml's Q4_0).
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -606,10 +607,11 @@ float param_at(const at::Tensor& t, int64_t i) {
 // updated with one FMA per weight vector and broadcast activation. The weight is never converted whole,
 // so prompts need no fp32 copy of it. Each output is summed in one fixed order whatever the rows beside
 // it, and is computed by one thread. 140-180 GFLOPS on 2 Zen 3 cores (peak ~198), against 100-120 for
-// converting the weight and calling MKL's sgemm. AVX-512 CPUs run this AVX2 code (there, bf16 prompts go to
+// converting the weight and calling MKL's sgemm. Blocks of 128 outputs are handed out to threads as they
+// come free (+2 % at 512 rows, +9 % at 128, against a fixed split, on the shared 2-core VM). AVX-512 CPUs run this AVX2 code (there, bf16 prompts go to
 // oneDNN when the CPU has native bf16, and quantized ones to torch's kernels).
 constexpr int kMr = 6, kNr = 16;
-constexpr int64_t kKc = 256, kMc = 8 * kMr, kNc = 24 * kNr;
+constexpr int64_t kKc = 256, kMc = 8 * kMr, kNc = 8 * kNr;
 
 enum PanelKind { kPanelBF16, kPanelF16, kPanelI8, kPanelI4 };
 
@@ -741,25 +743,29 @@ void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_sca
         for (int r = 0; r < kMr; ++r)
           a[(s * k + p) * kMr + r] = s * kMr + r < m ? float(x[(s * kMr + r) * k + p]) : 0.f;
   });
-  at::parallel_for(0, (n + kNr - 1) / kNr, 1, [&](int64_t j0, int64_t j1) {
+  // Blocks of kNc outputs go to whichever thread is free next: on a shared machine one core can be slowed
+  // down (steal time), and a fixed split would make the other wait for it at the end.
+  const int64_t panels = (n + kNr - 1) / kNr, per_block = kNc / kNr, blocks = (panels + per_block - 1) / per_block;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     // This thread's panels (32-byte aligned) and its block of products, kept from call to call (fresh pages
     // fault slowly; see gemm).
     thread_local std::vector<float> storage, block;
     if (storage.size() < size_t(kNc * kKc + 8)) storage.resize(kNc * kKc + 8);
     if (block.size() < size_t(strips * kMr * kNc)) block.resize(strips * kMr * kNc);
-    float* panels = storage.data() + (8 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 8) % 8;
+    float* panel = storage.data() + (8 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 8) % 8;
     float* c = block.data();
-    for (int64_t jc = j0; jc < j1; jc += kNc / kNr) {
-      const int64_t jn = std::min(j1, jc + kNc / kNr), cols = std::min(n, jn * kNr) - jc * kNr;
+    for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
+      const int64_t jc = b * per_block, jn = std::min(panels, jc + per_block), cols = std::min(n, jn * kNr) - jc * kNr;
       for (int64_t pc = 0; pc < k; pc += kKc) {
         const int64_t kc = std::min(kKc, k - pc);
         const bool first = pc == 0, last = pc + kc == k;
-        for (int64_t j = jc; j < jn; ++j) pack_panel<kind>(w, j * kNr, pc, kc, panels + (j - jc) * kKc * kNr);
+        for (int64_t j = jc; j < jn; ++j) pack_panel<kind>(w, j * kNr, pc, kc, panel + (j - jc) * kKc * kNr);
         for (int64_t ic = 0; ic < strips; ic += kMc / kMr) {
           const int64_t in = std::min(strips, ic + kMc / kMr);
           for (int64_t j = jc; j < jn; ++j)
             for (int64_t s = ic; s < in; ++s)
-              gemm_tile(a + (s * k + pc) * kMr, panels + (j - jc) * kKc * kNr, kc, c + s * kMr * kNc + (j - jc) * kNr,
+              gemm_tile(a + (s * k + pc) * kMr, panel + (j - jc) * kKc * kNr, kc, c + s * kMr * kNc + (j - jc) * kNr,
                         kNc, int(std::min<int64_t>(kMr, m - s * kMr)), int(std::min<int64_t>(kNr, n - j * kNr)), first,
                         last && out_scale ? out_scale + j * kNr : nullptr);
         }
