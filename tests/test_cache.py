@@ -34,15 +34,16 @@ def test_cached_incremental_forward_equals_full(variant):
 
 @pytest.mark.parametrize("variant", ["base", "stablelm2_12b"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_one_decoding_attends_natively_as_sdpa_does(variant, dtype, monkeypatch):
-    """A batch-1 decode step attends with the native kernel (`one_token`; the 12B variant's q/k norms run
-    first, so its q and k arrive rotated); with the kernel declined, SDPA. Both give the full forward's
-    logits (GQA included)."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_aligned_decoding_attends_natively_as_sdpa_does(variant, dtype, batch, monkeypatch):
+    """A decode step whose rows are aligned and have no holes attends with the native kernel, one call per
+    row (`one_token`; the 12B variant's q/k norms run first, so its q and k arrive rotated); with the kernel
+    declined, SDPA. Both give the full forward's logits (GQA included)."""
     from stablelm import kernels
     if kernels.native_isa() is None:
         pytest.skip("the native kernels are not built here: decoding always uses SDPA")
     model = tiny_model(**VARIANTS[variant]).to(dtype).eval()  # training mode never takes the kernel
-    ids = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, TINY["vocab_size"], (batch, 20), generator=torch.Generator().manual_seed(0))
     native_calls = []
     attend_one = stablelm.KVCache.attend_one
 
@@ -50,18 +51,19 @@ def test_batch_one_decoding_attends_natively_as_sdpa_does(variant, dtype, monkey
         native_calls.append(len(args))
         return attend_one(self, *args)
 
-    results = {}
+    def decode(rows, path):
+        monkeypatch.setattr(stablelm.KVCache, "attend_one", counted if path == "native" else
+                            lambda self, *args: None)
+        cache = stablelm.KVCache.for_model(model, rows.shape[0], 33)
+        steps = [model(rows[:, :12], past_key_values=cache).logits]
+        for i in range(12, 20):
+            steps.append(model(rows[:, i:i + 1], past_key_values=cache).logits)
+            assert cache.one_token
+        return torch.cat(steps, dim=1).float()
+
     with torch.no_grad():
         full = model(ids).logits.float()
-        for path in ("native", "sdpa"):
-            monkeypatch.setattr(stablelm.KVCache, "attend_one", counted if path == "native" else
-                                lambda self, *args: None)
-            cache = stablelm.KVCache.for_model(model, 1, 33)
-            steps = [model(ids[:, :12], past_key_values=cache).logits]
-            for i in range(12, 20):
-                steps.append(model(ids[:, i:i + 1], past_key_values=cache).logits)
-                assert cache.one_token
-            results[path] = torch.cat(steps, dim=1).float()
+        results = {path: decode(ids, path) for path in ("native", "sdpa")}
     layers = TINY["num_hidden_layers"]
     # 8 decode steps, every layer: with cos/sin (rotated in the kernel) or without (q/k norms first)
     assert native_calls == [6 if variant == "base" else 4] * (8 * layers)

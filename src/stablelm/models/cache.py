@@ -18,7 +18,7 @@ class KVCache:
     """Keys (after RoPE) and values for every layer: `keys[layer]` is (B, H_kv, capacity, D)."""
 
     paged = False  # the serving engine's block pool (stablelm.serving.paged) is the paged kind
-    one_token = False  # this forward is one token of one row with no holes: `attend_one` serves it
+    one_token = False  # this forward is one token per row, rows aligned, no holes: `attend_one` serves it
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -80,28 +80,30 @@ class KVCache:
         self._write_start, self._write_len = start, num_tokens
         self._write_index = None if len(set(start)) == 1 or num_tokens != 1 else torch.tensor(start, device=device)
         self.lengths = [s + num_tokens for s in start]
-        isa = kernels.native_isa() if (num_tokens == 1 and self.batch_size == 1 and not self.has_holes
+        isa = kernels.native_isa() if (num_tokens == 1 and len(set(start)) == 1 and not self.has_holes
                                        and device.type == "cpu") else None
         self.one_token, self._isa = isa is not None, min(isa or 0, 1)  # the attention kernel's top level is AVX2
         return slots
 
     def attend_one(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Decoding at batch 1 (`one_token`) in one native call: store the token's key/value in its slot of
-        `layer` and attend to every written slot. With cos/sin, query and key are the projections' output
-        before RoPE and are rotated first, exactly as `apply_rotary` rounds; without, they are rotated already.
-        Takes any shape holding one token's H (query) or H_kv (key, value) heads of D; returns (1, 1, H * D).
-        None when a tensor is not contiguous in the cache's dtype: the caller then takes the general path.
-        (SDPA's one-query path costs ~120 us a layer on a short context, mostly overhead.)"""
+        """Decoding (`one_token`: one token per row, rows aligned, no holes) in one native call per row:
+        store each row's key/value in its slot of `layer` and attend to every written slot of that row. With
+        cos/sin (B, 1, r), query and key are the projections' output before RoPE and are rotated first, exactly
+        as `apply_rotary` rounds; without, they are rotated already. Takes any shape whose first dim is the
+        batch and that holds, per row, one token's H (query) or H_kv (key, value) heads of D; returns (B, 1, H * D).
+        None when a row's tensor is not contiguous in the cache's dtype: the caller then takes the general
+        path. (SDPA's one-query path costs ~120 us a layer at batch 1 and ~1 ms at batch 8 on a short
+        context, mostly overhead.)"""
         k_buf, v_buf = self.keys[layer], self.values[layer]
-        if cos is None:
-            cos = sin = k_buf.new_empty(0)  # nothing left to rotate
-        if any(t.dtype != k_buf.dtype or not t.is_contiguous() for t in (query, key, value, cos, sin)):
+        rows = [(query[b], key[b], value[b]) + ((k_buf.new_empty(0),) * 2 if cos is None else (cos[b], sin[b]))
+                for b in range(self.batch_size)]
+        if any(t.dtype != k_buf.dtype or not t.is_contiguous() for row in rows for t in row):
             return None
-        out = torch.ops.stablelm_kernels.decode_attention(query, key, value, cos, sin, k_buf[0], v_buf[0],
-                                                          self.lengths[0] - 1, 1.0 / math.sqrt(k_buf.shape[-1]),
-                                                          self._isa)
-        return out.view(1, 1, -1)
+        slot, scale = self.lengths[0] - 1, 1.0 / math.sqrt(k_buf.shape[-1])
+        out = [torch.ops.stablelm_kernels.decode_attention(q, k, v, c, s, k_buf[b], v_buf[b], slot, scale, self._isa)
+               for b, (q, k, v, c, s) in enumerate(rows)]
+        return out[0].view(1, 1, -1) if len(out) == 1 else torch.stack(out).view(len(out), 1, -1)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's key/value (B, H_kv, S, D) for `layer`; return all keys/values so far."""
