@@ -18,10 +18,8 @@
 //                and offset, w = q * scale + offset. gemv_q8: fp32 or bf16 scale and zero as the checkpoint
 //                stores them, w = (q - 8) * scale + zero (bf16: 4.5 bits a weight, as ggml's Q4_0).
 #include <ATen/Parallel.h>
-#include <atomic>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -29,6 +27,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -607,9 +606,10 @@ float param_at(const at::Tensor& t, int64_t i) {
 // updated with one FMA per weight vector and broadcast activation. The weight is never converted whole,
 // so prompts need no fp32 copy of it. Each output is summed in one fixed order whatever the rows beside
 // it, and is computed by one thread. 140-180 GFLOPS on 2 Zen 3 cores (peak ~198), against 100-120 for
-// converting the weight and calling MKL's sgemm. Blocks of 128 outputs are handed out to threads as they
-// come free (+2 % at 512 rows, +9 % at 128, against a fixed split, on the shared 2-core VM). AVX-512 CPUs run this AVX2 code (there, bf16 prompts go to
-// oneDNN when the CPU has native bf16, and quantized ones to torch's kernels).
+// converting the weight and calling MKL's sgemm. Blocks of 128 outputs are handed to threads as they come
+// free (+2 % at 512 rows, +9 % at 128 against a fixed split, on the shared 2-core VM). AVX-512 CPUs run
+// this AVX2 code (there, bf16 prompts go to oneDNN when the CPU has native bf16, and quantized ones to
+// torch's kernels).
 constexpr int kMr = 6, kNr = 16;
 constexpr int64_t kKc = 256, kMc = 8 * kMr, kNc = 8 * kNr;
 
@@ -729,10 +729,9 @@ AVX2 void gemm_tile(const float* a, const float* b, int64_t kc, float* c, int64_
     }
 }
 
-// x (M, K) of type X (float, c10::BFloat16, c10::Half) -> out (M, N) of type O = x . W^T (+ bias), outputs
-// split between threads in strips of 16. Each thread sums one block of kNc outputs for every row in fp32 in
-// its own buffer, then adds the bias and rounds the block into `out` once: no (M, N) fp32 array is written
-// and read back.
+// x (M, K) of type X (float, c10::BFloat16, c10::Half) -> out (M, N) of type O = x . W^T (+ bias). A thread
+// sums one block of kNc outputs for every row in fp32 in its own buffer, then adds the bias and rounds the
+// block into `out` once: no (M, N) fp32 array is written and read back.
 template <PanelKind kind, typename X, typename O, typename B>
 void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_scale, const B* bias, float* a, O* out) {
   const int64_t n = w.n, k = w.k, strips = (m + kMr - 1) / kMr;
