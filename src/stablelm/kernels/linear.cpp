@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -812,12 +813,23 @@ void finish_rows(const float* y, const B* bias, O* out, int64_t m, int64_t n) {
   });
 }
 
-template <typename O>
-void finish_as(const float* y, const c10::optional<at::Tensor>& bias, O* out, int64_t m, int64_t n) {
-  if (!bias.has_value()) finish_rows<O, float>(y, nullptr, out, m, n);
-  else if (bias->scalar_type() == at::kBFloat16) finish_rows(y, bias->data_ptr<c10::BFloat16>(), out, m, n);
-  else if (bias->scalar_type() == at::kHalf) finish_rows(y, bias->data_ptr<c10::Half>(), out, m, n);
-  else finish_rows(y, bias->data_ptr<float>(), out, m, n);
+// `f` called with a null pointer of `dtype`'s C++ type (float, c10::BFloat16 or c10::Half), to pick a template.
+template <typename F>
+void as_type(at::ScalarType dtype, const F& f) {
+  if (dtype == at::kBFloat16) f(static_cast<c10::BFloat16*>(nullptr));
+  else if (dtype == at::kHalf) f(static_cast<c10::Half*>(nullptr));
+  else f(static_cast<float*>(nullptr));
+}
+
+// The bias (N,) checked, and `f` called with a typed pointer to its values (a null float pointer without one).
+template <typename F>
+void with_bias(const c10::optional<at::Tensor>& bias, int64_t n, const F& f) {
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous()),
+              "stablelm kernels: bias must be a contiguous (", n, ",) tensor");
+  if (!bias.has_value()) return f(static_cast<const float*>(nullptr));
+  as_type(bias->scalar_type(), [&](auto* type) {
+    f(static_cast<const std::remove_pointer_t<decltype(type)>*>(bias->data_ptr()));
+  });
 }
 
 // y (M, N) fp32 from a kernel, plus the bias (N,) in fp32, rounded once to the input's dtype: what
@@ -825,13 +837,11 @@ void finish_as(const float* y, const c10::optional<at::Tensor>& bias, O* out, in
 at::Tensor finish(at::Tensor y, const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
   const int64_t m = y.size(0), n = y.size(1);
   if (!bias.has_value() && dtype == at::kFloat) return y;
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous()),
-              "stablelm kernels: bias must be a contiguous (", n, ",) tensor");
   at::Tensor out = dtype == at::kFloat ? y : at::empty({m, n}, y.options().dtype(dtype));
-  const float* yp = y.data_ptr<float>();
-  if (dtype == at::kBFloat16) finish_as(yp, bias, out.data_ptr<c10::BFloat16>(), m, n);
-  else if (dtype == at::kHalf) finish_as(yp, bias, out.data_ptr<c10::Half>(), m, n);
-  else finish_as(yp, bias, out.data_ptr<float>(), m, n);
+  as_type(dtype, [&](auto* type) {
+    auto* op = static_cast<decltype(type)>(out.data_ptr());
+    with_bias(bias, n, [&](const auto* bp) { finish_rows(y.data_ptr<float>(), bp, op, m, n); });
+  });
   return out;
 }
 
@@ -1080,26 +1090,20 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::opt
   thread_local std::vector<float> packed;
   const int64_t strips = (m + kMr - 1) / kMr;
   if (packed.size() < size_t(strips * k * kMr)) packed.resize(strips * k * kMr);
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous()),
-              "stablelm kernels: bias must be a contiguous (", n, ",) tensor");
   at::Tensor out = at::empty({m, n}, x_in.options());
-  const auto with_bias = [&](const auto* xp, auto* op) {
-    const auto go = [&](const auto* bp) {
+  as_type(x_in.scalar_type(), [&](auto* type) {
+    using X = std::remove_pointer_t<decltype(type)>;
+    const X* xp = x_in.data_ptr<X>();
+    X* op = out.data_ptr<X>();
+    with_bias(bias, n, [&](const auto* bp) {
       switch (weight.scalar_type()) {
         case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
         case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
         case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, bp, packed.data(), op); break;
         default: gemm_avx2<kPanelI4>(xp, m, w, nullptr, bp, packed.data(), op);
       }
-    };
-    if (!bias.has_value()) go(static_cast<const float*>(nullptr));
-    else if (bias->scalar_type() == at::kBFloat16) go(bias->data_ptr<c10::BFloat16>());
-    else if (bias->scalar_type() == at::kHalf) go(bias->data_ptr<c10::Half>());
-    else go(bias->data_ptr<float>());
-  };
-  if (x_in.scalar_type() == at::kBFloat16) with_bias(x_in.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
-  else if (x_in.scalar_type() == at::kHalf) with_bias(x_in.data_ptr<c10::Half>(), out.data_ptr<c10::Half>());
-  else with_bias(x_in.data_ptr<float>(), out.data_ptr<float>());
+    });
+  });
   return out;
 }
 
