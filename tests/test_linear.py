@@ -176,6 +176,31 @@ def test_describe_reports_the_choice():
     assert set(info["formats"]) == set(linear.FORMATS)
 
 
+def test_each_kernel_source_builds_in_its_own_folder(tmp_path, monkeypatch):
+    """Two checkouts of the same sources compile the same copied paths in one folder (built once); a
+    changed source gets another folder, so a build never rewrites a library another process loads."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    checkouts = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        checkouts.append([tmp_path / name / source.name for source in kernels._SOURCES])
+        for source, copy in zip(kernels._SOURCES, checkouts[-1]):
+            copy.write_bytes(source.read_bytes())
+    folders = []
+    for sources in checkouts:
+        monkeypatch.setattr(kernels, "_SOURCES", sources)
+        folders.append(kernels._build_directory(cpp_extension))
+    assert folders[0] == folders[1]
+    folder, copies = folders[0]
+    assert [os.path.dirname(c) for c in copies] == [folder] * len(copies)
+    assert [open(c, "rb").read() for c in copies] == [s.read_bytes() for s in checkouts[0]]
+    checkouts[1][0].write_bytes(checkouts[1][0].read_bytes() + b"\n// changed\n")
+    changed, _ = kernels._build_directory(cpp_extension)
+    assert changed != folder and open(copies[0], "rb").read() == checkouts[0][0].read_bytes()
+
+
 # -- the native kernels themselves, at every ISA level this CPU runs ---------------------------------
 def native_levels():
     levels = kernels.native_isa_levels()

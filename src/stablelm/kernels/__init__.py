@@ -15,6 +15,7 @@ records it in its JSON.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import sys
@@ -44,9 +45,35 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+_CFLAGS = ["-O3", "-fopenmp"]
+
+
+def _build_directory(cpp_extension) -> tuple[str, list[str]]:
+    """A build folder named by what is compiled (the sources' bytes, the flags, torch's version), holding
+    its own copy of the sources, and the copies' paths.
+
+    torch keys its cache by the extension's name alone and rebuilds in place whenever the sources' paths
+    or bytes differ: two checkouts, or two versions, taking turns would rewrite the library while the
+    other's processes load it. Here each content has its own folder, and any checkout of the same
+    content compiles the same paths: built once, never rewritten."""
+    digest = hashlib.sha256(" ".join([torch.__version__, *_CFLAGS]).encode())
+    for source in _SOURCES:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    folder = Path(cpp_extension._get_build_directory(f"stablelm_kernels_{digest.hexdigest()[:16]}", False))
+    copies = []
+    for source in _SOURCES:
+        copy = folder / source.name
+        if not copy.exists() or copy.read_bytes() != source.read_bytes():
+            partial = folder / f".{source.name}.{os.getpid()}.tmp"
+            partial.write_bytes(source.read_bytes())
+            os.replace(partial, copy)
+        copies.append(str(copy))
+    return str(folder), copies
+
+
 @functools.cache
 def native_ops():
-    """torch.ops.stablelm_kernels, built from linear.cpp on first use (cached by torch), or None.
+    """torch.ops.stablelm_kernels, built from linear.cpp and attention.cpp on first use (cached), or None.
 
     None when STABLELM_NATIVE=0, on a non-x86 CPU, or when the build fails (no compiler, no ninja):
     then one line says so and the torch paths are used.
@@ -59,10 +86,11 @@ def native_ops():
         try:
             from torch.utils import cpp_extension
 
+            folder, sources = _build_directory(cpp_extension)
             # No -march: each ISA level is compiled through a `target` attribute and picked at run time,
             # so one binary suits every x86-64 CPU and the cache needs no key per CPU.
-            cpp_extension.load(name="stablelm_kernels", sources=[str(p) for p in _SOURCES], is_python_module=False,
-                               extra_cflags=["-O3", "-fopenmp"], verbose=False)
+            cpp_extension.load(name="stablelm_kernels", sources=sources, build_directory=folder,
+                               is_python_module=False, extra_cflags=_CFLAGS, verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means the same: use torch's kernels
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             print(f"stablelm: native CPU kernels unavailable ({reason[:200]}); using torch's kernels, "
