@@ -88,7 +88,7 @@ def _check(name, model, heldout_ids, baseline, min_agreement, max_ppl_increase):
 # Issue 5's guard, against the unquantized model in its stored precision (fp32): int8 >= 99 % top-1 agreement
 # and <= 1 % perplexity increase; int4 >= 95 % and <= 5 %. The demo's next-token distributions are flat (bf16
 # alone agrees with fp32 on 98.6 % of these tokens), so 4-bit rounding to nearest reaches only 91.9 % here
-# (perplexity +0.7 %); GPTQ with down_proj kept at int8 (`stablelm quantize --calibration`) reaches 95.4 %.
+# (perplexity +0.7 %); GPTQ with down_proj kept at int8 (`stablelm quantize --calibration`) reaches 95.4-95.5 %.
 RTN_INT4_AGREEMENT_FLOOR = 0.91
 
 
@@ -104,7 +104,8 @@ def test_gptq_int4_quality(corpus, heldout_ids, baseline, tmp_path):
     from stablelm.layers.gptq import calibration_windows, gptq_quantize
 
     tok = stablelm.AutoTokenizer.from_pretrained(DEMO)
-    calibration = calibration_windows(tok("\n\n".join(corpus[0])).input_ids, samples=32, seq_len=512, seed=0)
+    # 16 windows of 256 tokens agree as well as 32 of 512 (95.5 % vs 95.4 %) in half the time
+    calibration = calibration_windows(tok("\n\n".join(corpus[0])).input_ids, samples=16, seq_len=256, seed=0)
     model = stablelm.AutoModelForCausalLM.from_pretrained(DEMO, fast_inference=False)
     gptq_quantize(model, calibration, progress=False)
     model.save_pretrained(tmp_path / "gptq")

@@ -34,6 +34,10 @@ def calibration_windows(ids: list[int] | torch.Tensor, samples: int, seq_len: in
 
 
 # -- GPTQ ----------------------------------------------------------------------------------------
+class _Collected(Exception):
+    """Raised by the hook that has a projection's inputs, to stop the layer's forward there."""
+
+
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
               damp: float = 0.01, block: int = 128):
     """GPTQ for one (N, K) weight given H = X^T X / n (K, K) of its inputs; returns quantize_int4's triple.
@@ -119,14 +123,20 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
                 x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
                 hessian.addmm_(x.T, x)
                 count += x.shape[0]
+                raise _Collected  # the rest of the layer is not needed for this group
 
             hook = group[0].register_forward_pre_hook(collect)
             for x in batches:
-                layer(x, cos, sin, None, None, True)
+                try:
+                    layer(x, cos, sin, None, None, True)
+                except _Collected:
+                    pass
             hook.remove()
             hessian /= count
-            for linear in group:
-                q, scale, zero = gptq_int4(linear.weight, hessian, group_size, damp)
+            # GPTQ treats rows independently given H: the group's weights (q/k/v, gate/up) in one sweep
+            rows = [linear.out_features for linear in group]
+            swept = gptq_int4(torch.cat([linear.weight for linear in group]), hessian, group_size, damp)
+            for linear, q, scale, zero in zip(group, *(part.split(rows) for part in swept)):
                 quantized[linear] = ("int4", q, scale, zero)
                 deq = ((q.float().view(q.shape[0], -1, group_size) - 8) * scale.float()[..., None]
                        + zero.float()[..., None]).view_as(q)
