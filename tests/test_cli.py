@@ -1,4 +1,5 @@
-"""The command line, end to end in a subprocess (and the chat loop in-process)."""
+"""The command line: generate and chat end to end in a subprocess; errors, help and quantize through the same
+main() in this process (an interpreter's start costs seconds; main is all `python -m stablelm` runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from conftest import tiny_checkpoint
 def cli(*args, stdin: str | None = None):
     return subprocess.run([sys.executable, "-m", "stablelm.cli", *args], input=stdin, capture_output=True,
                           text=True, timeout=300)
+
+
+def in_process(capsys, *args):
+    """main(args) here: (exit code, stdout, stderr)."""
+    from stablelm.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: --help and bad option values
+        code = e.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
 
 
 @pytest.fixture(scope="module")
@@ -66,46 +79,44 @@ def test_chat_sends_the_history(ckpt, monkeypatch):
     (["generate", "x", "--temperature", "0", "--sample"], "temperature"),
     (["generate", "x", "--top-p", "1.5"], "top_p"),
 ])
-def test_cli_errors_are_one_line(ckpt, args, message):
+def test_cli_errors_are_one_line(ckpt, args, message, capsys):
     if "--model" not in args:
         args = args + ["--model", str(ckpt)]
-    proc = cli(*args)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = in_process(capsys, *args)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_bad_option_value():
-    proc = cli("generate", "x", "--max-new-tokens", "-3")
-    assert proc.returncode == 2 and "max-new-tokens" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_bad_option_value(capsys):
+    code, _, err = in_process(capsys, "generate", "x", "--max-new-tokens", "-3")
+    assert code == 2 and "max-new-tokens" in err and "Traceback" not in err
 
 
-def test_cli_help_explains_options():
-    proc = cli("generate", "--help")
-    assert proc.returncode == 0
+def test_cli_help_explains_options(capsys):
+    code, out, _ = in_process(capsys, "generate", "--help")
+    assert code == 0
     for option in ("--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "demo"):
-        assert option in proc.stdout
+        assert option in out
 
 
-def test_cli_quantize_writes_a_loadable_checkpoint(tmp_path):
+def test_cli_quantize_writes_a_loadable_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     tiny_checkpoint(ckpt, hidden_size=64, intermediate_size=128)  # int4 groups are 64 inputs wide
     text = tmp_path / "calibration.txt"
     text.write_text(" ".join(["To be, or not to be, that is the question."] * 40))
     out = tmp_path / "q4"
-    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(out), "--model", str(ckpt),
-                           "--calibration", str(text), "--samples", "4", "--seq-len", "16"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = in_process(capsys, "quantize", str(out), "--model", str(ckpt), "--calibration", str(text),
+                              "--samples", "4", "--seq-len", "16")
+    assert code == 0, err
     model = stablelm.AutoModelForCausalLM.from_pretrained(out)
     assert model.quantization == "int4" and model.model.layers[0].mlp.down_proj.quantization == "int8"
     assert stablelm.AutoTokenizer.from_pretrained(out)("To be").input_ids
-    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(tmp_path / "x"), "--model", str(ckpt),
-                           "--calibration", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "missing.txt" in proc.stderr
+    code, _, err = in_process(capsys, "quantize", str(tmp_path / "x"), "--model", str(ckpt),
+                              "--calibration", str(tmp_path / "missing.txt"))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "missing.txt" in err
     # the bundled calibration text, for a quick GPTQ without a file of one's own
-    proc = subprocess.run([sys.executable, "-m", "stablelm.cli", "quantize", str(tmp_path / "demo-cal"), "--model",
-                           str(ckpt), "--calibration", "demo", "--samples", "2", "--seq-len", "16"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = in_process(capsys, "quantize", str(tmp_path / "demo-cal"), "--model", str(ckpt),
+                              "--calibration", "demo", "--samples", "2", "--seq-len", "16")
+    assert code == 0, err
     assert stablelm.AutoModelForCausalLM.from_pretrained(tmp_path / "demo-cal").quantization == "int4"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +15,13 @@ ARGS = ["--max-chars", "60000", "--batch-size", "8", "--seq-len", "64", "--hidde
         "--vocab-size", "400", "--eval-every", "10"]
 
 
-def train(out, steps):
-    return subprocess.run([sys.executable, "-m", "stablelm.cli", "train", "--out", str(out), "--steps", str(steps),
-                           *ARGS], capture_output=True, text=True, timeout=600)
+def train(out, steps, capsys):
+    """The CLI's train command, in this process (the CLI's own process handling is tested in test_cli)."""
+    from stablelm.cli import main
+
+    code = main(["train", "--out", str(out), "--steps", str(steps), *ARGS])
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
 
 
 def test_corpus_conversion_keeps_speakers_and_holds_out_whole_scenes():
@@ -34,15 +36,15 @@ def test_corpus_conversion_keeps_speakers_and_holds_out_whole_scenes():
     assert len(held) > 20 and not set(held) & set(train)
 
 
-def test_train_learns_writes_a_checkpoint_and_resumes(tmp_path):
+def test_train_learns_writes_a_checkpoint_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    first = train(out, 10)
-    assert first.returncode == 0, first.stderr[-2000:]
+    code, printed = train(out, 10, capsys)
+    assert code == 0, printed[-2000:]
     state = json.loads((out / "train_state" / "progress.json").read_text())
     assert state["step"] == 10
-    second = train(out, 30)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming from step 10" in second.stdout + second.stderr
+    code, printed = train(out, 30, capsys)
+    assert code == 0, printed[-2000:]
+    assert "resuming from step 10" in printed
     summary = json.loads((out / "training.json").read_text())
     losses = [loss for _, loss in summary["history"]["train"]]
     assert len(losses) == 30
