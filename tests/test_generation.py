@@ -184,3 +184,13 @@ def test_temperature_and_repetition_penalty():
     assert torch.allclose(sampling.temperature(LOGITS, 2.0), LOGITS / 2)
     out = sampling.repetition_penalty(LOGITS, torch.tensor([[0, 3]]), 2.0)
     assert out.tolist() == [[1.0, 1.0, 0.0, -2.0, 3.0]]
+
+
+def test_suppress_forbids_only_ids_inside_the_vocabulary():
+    from stablelm.generation.sampling import suppress
+
+    scores = torch.randn(2, 10)
+    out = suppress(scores, torch.tensor([3, 9, 10, 42, -1]))  # a config's eos may lie past a trimmed vocabulary
+    want = scores.clone()
+    want[:, [3, 9]] = -float("inf")
+    assert torch.equal(out, want) and not torch.equal(scores, want)  # scores untouched
