@@ -49,17 +49,19 @@ _CFLAGS = ["-O3", "-fopenmp"]
 
 
 def _build_directory(cpp_extension) -> tuple[str, list[str]]:
-    """A build folder named by what is compiled (the sources' bytes, the flags, torch's version), holding
-    its own copy of the sources, and the copies' paths.
+    """A build folder named by what is compiled (the sources' bytes, the flags, torch's and Python's versions),
+    holding its own copy of the sources, and the copies' paths.
 
     torch keys its cache by the extension's name alone and rebuilds in place whenever the sources' paths
     or bytes differ: two checkouts, or two versions, taking turns would rewrite the library while the
     other's processes load it. Here each content has its own folder, and any checkout of the same
     content compiles the same paths: built once, never rewritten."""
-    digest = hashlib.sha256(" ".join([torch.__version__, *_CFLAGS]).encode())
+    digest = hashlib.sha256(" ".join([torch.__version__, platform.python_version(), *_CFLAGS]).encode())
     for source in _SOURCES:
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    folder = Path(cpp_extension._get_build_directory(f"stablelm_kernels_{digest.hexdigest()[:16]}", False))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / f"stablelm_kernels_{digest.hexdigest()[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
     copies = []
     for source in _SOURCES:
         copy = folder / source.name
