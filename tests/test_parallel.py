@@ -190,6 +190,19 @@ def test_torchrun_generate_equals_one_process(capsys):
     assert single.strip() and split.stdout == single, split.stderr[-2000:]  # printed once, by rank 0
 
 
+def test_every_command_closes_the_process_group_it_joined(monkeypatch, capsys):
+    """main() ends with parallel.leave: after success every rank waits for the others, then the group is
+    closed (exiting with it open aborted a torchrun rank now and then); after an error it does not wait."""
+    from stablelm.cli import main
+
+    calls = []
+    monkeypatch.setattr(parallel, "leave", lambda finished: calls.append(finished))
+    assert main(["generate", "ROMEO:", "--greedy", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "x", "--top-p", "1.5"]) == 1
+    capsys.readouterr()
+    assert calls == [True, False]
+
+
 def test_server_with_tp_2_answers_the_openai_client(tmp_path):
     openai = pytest.importorskip("openai", reason="the openai client comes with the [serve] extra")
     demo = ROOT / "src" / "stablelm" / "demo"
