@@ -56,21 +56,19 @@ def _build_directory(cpp_extension) -> tuple[str, list[str]]:
     or bytes differ: two checkouts, or two versions, taking turns would rewrite the library while the
     other's processes load it. Here each content has its own folder, and any checkout of the same
     content compiles the same paths: built once, never rewritten."""
+    texts = {source.name: source.read_bytes() for source in _SOURCES}
     digest = hashlib.sha256(" ".join([torch.__version__, platform.python_version(), *_CFLAGS]).encode())
-    for source in _SOURCES:
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    for name, text in texts.items():
+        digest.update(name.encode() + b"\0" + text)
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     folder = Path(root) / f"stablelm_kernels_{digest.hexdigest()[:16]}"
     folder.mkdir(parents=True, exist_ok=True)
-    copies = []
-    for source in _SOURCES:
-        copy = folder / source.name
-        if not copy.exists() or copy.read_bytes() != source.read_bytes():
-            partial = folder / f".{source.name}.{os.getpid()}.tmp"
-            partial.write_bytes(source.read_bytes())
-            os.replace(partial, copy)
-        copies.append(str(copy))
-    return str(folder), copies
+    for name, text in texts.items():
+        if not (folder / name).exists() or (folder / name).read_bytes() != text:
+            partial = folder / f".{name}.{os.getpid()}.tmp"
+            partial.write_bytes(text)
+            os.replace(partial, folder / name)
+    return str(folder), [str(folder / name) for name in texts]
 
 
 @functools.cache

@@ -96,8 +96,8 @@ class KVCache:
         path. (SDPA's one-query path costs ~120 us a layer at batch 1 and ~1 ms at batch 8 on a short
         context, mostly overhead.)"""
         k_buf, v_buf = self.keys[layer], self.values[layer]
-        rows = [(query[b], key[b], value[b]) + ((k_buf.new_empty(0),) * 2 if cos is None else (cos[b], sin[b]))
-                for b in range(self.batch_size)]
+        unrotated = (k_buf.new_empty(0),) * 2 if cos is None else None  # nothing left to rotate
+        rows = [(query[b], key[b], value[b]) + (unrotated or (cos[b], sin[b])) for b in range(self.batch_size)]
         if any(t.dtype != k_buf.dtype or not t.is_contiguous() for row in rows for t in row):
             return None
         slot, scale = self.lengths[0] - 1, 1.0 / math.sqrt(k_buf.shape[-1])

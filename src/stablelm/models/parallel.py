@@ -332,7 +332,6 @@ def _run_rank(rank: int, world: int, port: int, target, args, kwargs) -> None:
     try:
         result = target(*args, **kwargs)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave(finished=False)  # the target may have failed: do not wait for the others
     if result:
         raise SystemExit(result)
