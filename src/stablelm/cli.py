@@ -233,16 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code = 1
-    try:
-        code = _run(args, argv)
-        return code
-    finally:
-        if "stablelm.models.parallel" in sys.modules:  # one of torchrun's processes: close the group cleanly
-            sys.modules["stablelm.models.parallel"].leave(finished=code == 0)
-
-
-def _run(args, argv: list[str] | None) -> int:
     try:
         if args.command == "generate" and (args.tp or 1) > 1 and _world() == 1:
             return _launch(args.tp, sys.argv[1:] if argv is None else argv)
