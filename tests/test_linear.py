@@ -139,6 +139,8 @@ def test_forcing_an_unknown_or_impossible_format_says_why(ckpt):
         stablelm.StableLmForCausalLM.from_pretrained(ckpt, linear_format="int3")
     with pytest.raises(ValueError, match="bf16/fp16 weights only"):
         stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float32, linear_format="native")
+    with pytest.raises(ValueError, match="bf16 weights only"):
+        stablelm.StableLmForCausalLM.from_pretrained(ckpt, dtype=torch.float16, linear_format="native-lossless")
 
 
 def test_environment_variable_forces_the_format(ckpt):
@@ -391,6 +393,127 @@ def test_native_gemm_rows_do_not_depend_on_their_neighbours(isa):
     assert torch.equal(kernels.gemm(x[7:20].contiguous(), weight, isa=isa), whole[7:20])
 
 
+# -- bf16 in 12 bits, losslessly --------------------------------------------------------------------
+def lossless_pack_reference(weight: torch.Tensor) -> kernels.Lossless:
+    """The layout of linear.cpp in plain torch: per row, a table of 0x00 and the 15 commonest other high
+    bytes (most first, ties to the smaller byte), 4-bit codes and low bytes in storage order, the rest apart."""
+    n, k = weight.shape
+    k64 = k - k % 64
+    bits = weight.view(torch.int16).long() & 0xFFFF
+    high, low = bits[:, :k64] >> 8, bits[:, :k64] & 0xFF
+    count = torch.zeros(n, 256, dtype=torch.long).scatter_add_(1, high, torch.ones_like(high))
+    count[:, 0] = k64 + 1  # entry 0 is always 0x00
+    table = count.sort(dim=1, descending=True, stable=True).indices[:, :16]
+    code = torch.full((n, 256), -1, dtype=torch.long).scatter_(1, table, torch.arange(16).expand(n, 16).contiguous())
+    codes = code.gather(1, high)
+    missing = codes < 0
+    rows, columns = missing.nonzero(as_tuple=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), missing.sum(1).cumsum(0)])
+    codes, low = codes.masked_fill(missing, 0), low.masked_fill(missing, 0)
+    position = linear._LOSSLESS_POSITION
+    stored = torch.empty_like(codes).view(n, -1, 64)
+    stored[..., position] = codes.view(n, -1, 64)
+    packed_low = torch.empty_like(low).view(n, -1, 64)
+    packed_low[..., position] = low.view(n, -1, 64)
+    values = torch.cat([stored[..., :32] | stored[..., 32:] << 4, packed_low], dim=-1).to(torch.uint8).view(n, -1)
+    return kernels.Lossless(values, table.to(torch.uint8), weight[:, k64:].contiguous(), starts,
+                            columns.to(torch.int32), weight[rows, columns])
+
+
+def lossless_cases():
+    """bf16 weights that a lossless layout must give back: Gaussian rows, K with and without a tail (and
+    below one chunk), every special value, rows spanning more binades than 16 codes hold (exceptions)."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1, 64), (3, 7), (37, 200), (16, 2050), (130, 128)]:
+        yield f"gaussian-{n}x{k}", (torch.randn(n, k, generator=g) * 0.02).bfloat16()
+    special = (torch.randn(8, 192, generator=g) * 0.02).bfloat16()
+    special[0, :6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40]).bfloat16()
+    # a NaN with a payload, a negative NaN, the smallest subnormal and its negative
+    special.view(torch.int16)[1, :4] = torch.tensor([0x7FC1, -0x0001, 0x0001, -0x7FFF], dtype=torch.int16)
+    special[2] = torch.logspace(-38, 38, 192).bfloat16() * torch.randn(192, generator=g).sign().bfloat16()
+    special[3, ::7] = 1e-30
+    yield "special", special
+    wide = torch.randint(-32768, 32768, (5, 320), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    yield "random-bits", wide.contiguous()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN payloads and the sign of zero included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(-1).view(torch.uint8),
+                                                                     b.contiguous().view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("name,weight", list(lossless_cases()), ids=[name for name, _ in lossless_cases()])
+def test_lossless_pack_is_the_reference_layout_and_gives_the_bits_back(name, weight):
+    if kernels.native_ops() is None:
+        pytest.skip("the native kernels are not built here")
+    packed = kernels.lossless_pack(weight)
+    reference = lossless_pack_reference(weight)
+    for field, got, expected in zip(kernels.Lossless._fields, packed, reference):
+        assert same_bits(got, expected), field
+    assert same_bits(kernels.lossless_unpack(packed), weight)
+    assert same_bits(linear.unpack_lossless(packed), weight)  # what torch.compile traces
+    numbers = ~weight.float().isnan()
+    assert torch.equal(kernels.lossless_unpack(packed, torch.float32)[numbers], weight.float()[numbers])
+    if name in ("special", "random-bits"):
+        assert packed.columns.numel() > 0  # the exception path is exercised
+    if name.startswith("gaussian") and weight.shape[1] >= 64:
+        stored = sum(t.numel() * t.element_size() for t in packed)
+        assert stored <= 0.8 * weight.numel() * 2 + weight.shape[0] * 32  # 12 bits a weight, and per-row overhead
+
+
+@pytest.mark.parametrize("isa", native_levels())
+def test_lossless_gemv_equals_torch(isa):
+    """The decode product against float64, every row count of its tiles, K with a tail, exceptions; the
+    bias and 16-bit x round once, as gemv does."""
+    g = torch.Generator().manual_seed(0)
+    for name, weight in lossless_cases():
+        if name == "random-bits":
+            continue  # magnitudes up to 3e38: the products overflow fp32
+        weight = torch.where(weight.float().isfinite(), weight, torch.zeros_like(weight))  # no inf - inf
+        packed = kernels.lossless_pack(weight)
+        n, k = weight.shape
+        for m in (1, 2, 3, 4, 5, 8):
+            x = torch.randn(m, k, generator=g)
+            expected = x.double() @ weight.double().T
+            got = kernels.gemv_lossless(x, packed, isa)
+            assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() * max(1, k / 256), (name, m)
+        bias = torch.randn(n, generator=g).bfloat16()
+        xs = x.bfloat16()
+        assert torch.equal(kernels.gemv_lossless(xs, packed, isa, bias=bias),
+                           (kernels.gemv_lossless(xs.float(), packed, isa) + bias.float()).bfloat16())
+
+
+def test_lossless_decoding_gives_the_native_formats_bits():
+    """Batch-1 decoding sums a lossless row in the order the bf16 kernel does (K % 64 == 0, no exceptions):
+    a model loaded either way generates the same logits, bit for bit."""
+    if "avx2" not in kernels.native_isa_levels():
+        pytest.skip(f"this CPU ({kernels.cpu_capability()}) has no AVX2, the level whose orders are equal")
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(300, 2048, generator=g) * 0.02).bfloat16()
+    packed = kernels.lossless_pack(weight)
+    rows = torch.repeat_interleave(torch.arange(300), packed.starts.diff())
+    x = torch.randn(1, 2048, generator=g).bfloat16()
+    plain = [r for r in range(300) if r not in set(rows.tolist())]
+    assert len(plain) > 250
+    avx2 = kernels.ISA_LEVELS.index("avx2")
+    assert torch.equal(kernels.gemv_lossless(x, packed, avx2)[:, plain], kernels.gemv(x, weight, isa=avx2)[:, plain])
+
+
+@pytest.mark.parametrize("isa", simd_levels())
+def test_lossless_gemm_is_the_bf16_gemm(isa):
+    """Prompt rows: each panel decoded exactly, so the product is the bf16 weight's GEMM bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    for name, weight in lossless_cases():
+        if name == "random-bits":
+            continue
+        weight = torch.where(weight.float().isfinite(), weight, torch.zeros_like(weight))
+        packed = kernels.lossless_pack(weight)
+        for m in (1, 7, 40):
+            x = torch.randn(m, weight.shape[1], generator=g)
+            assert torch.equal(kernels.gemm_lossless(x, packed, isa), kernels.gemm(x, weight, isa=isa)), (name, m)
+
+
 def test_native_kernels_refuse_bad_input():
     if kernels.native_ops() is None:
         pytest.skip("the native kernels are not built here")
@@ -415,6 +538,15 @@ def test_native_kernels_refuse_bad_input():
         kernels.gemm(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1), None, 64)
     with pytest.raises(ValueError, match="scale of 4 rows"):
         kernels.gemm(torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8))
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.lossless_pack(torch.randn(4, 64).half())
+    packed = kernels.lossless_pack(torch.randn(4, 64).bfloat16())
+    with pytest.raises(ValueError, match="columns"):
+        kernels.gemv_lossless(torch.randn(1, 32), packed)
+    with pytest.raises(ValueError, match="AVX2 and up"):
+        kernels.gemm_lossless(torch.randn(1, 64), packed, isa=0)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        kernels.lossless_unpack(packed, torch.float16)
 
 
 def test_int4_layout_of_torch_is_derived_not_assumed():
@@ -429,7 +561,7 @@ def test_int4_layout_of_torch_is_derived_not_assumed():
     assert torch.equal(module.values(), q)
 
 
-@pytest.mark.parametrize("name,dtype", [("native", torch.bfloat16)] + [
+@pytest.mark.parametrize("name,dtype", [("native", torch.bfloat16), ("native-lossless", torch.bfloat16)] + [
     (name, dtype) for name in formats_for("int8") + formats_for("int4") for dtype in (torch.float32, torch.bfloat16)])
 def test_prompt_path_matches_decode_path(name, dtype):
     """Many rows take the convert-and-matmul path, few rows the weight-streaming kernel: same numbers,
@@ -452,12 +584,12 @@ def test_prompt_path_matches_decode_path(name, dtype):
 
 
 @pytest.mark.parametrize("isa", native_levels())
-@pytest.mark.parametrize("name", ["native", "int8-native", "int4-native"])
+@pytest.mark.parametrize("name", ["native", "native-lossless", "int8-native", "int4-native"])
 def test_native_formats_decode_at_every_isa_level(name, isa):
     """A native format's decode path at each level this CPU runs, whatever level it would pick itself (the
     scalar level widens activations to fp32, AVX2 and up round them to int8 for int4 weights, int16 for int8
     weights): the prompt path's numbers (the GEMM from AVX2, torch's matmul at the scalar level)."""
-    dtype = torch.bfloat16 if name == "native" else torch.float32
+    dtype = torch.bfloat16 if name.startswith("native") else torch.float32
     skip_unless_runs(name, dtype)
     g = torch.Generator().manual_seed(0)
     module = linear.FORMATS[name].from_weight(torch.randn(96, 128, generator=g).to(dtype))

@@ -21,6 +21,7 @@ import platform
 import sys
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -252,6 +253,60 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     if level < ISA_LEVELS.index("avx2"):
         raise ValueError(f"gemm: runs at AVX2 and up, not {ISA_LEVELS[level]} (below it, multiply in torch)")
     return torch.ops.stablelm_kernels.gemm(x, weight, scale, offset, group, isa, _bias(bias, n))
+
+
+class Lossless(NamedTuple):
+    """A bf16 weight (N, K) in 12 bits a weight, exactly (see linear.cpp): `values` (N, K64 / 64 * 96) uint8
+    (codes and low bytes of the first K64 = K - K % 64 inputs), `table` (N, 16) uint8 (each row's high bytes),
+    `tail` (N, K % 64) bf16 (the last inputs as they are), and the weights no table entry holds: `starts`
+    (N + 1,) int64 (row r's are [starts[r], starts[r + 1])), `columns` (E,) int32 and `exceptions` (E,) bf16."""
+
+    values: torch.Tensor
+    table: torch.Tensor
+    tail: torch.Tensor
+    starts: torch.Tensor
+    columns: torch.Tensor
+    exceptions: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape[0], self.values.shape[1] // 96 * 64 + self.tail.shape[1]
+
+
+def lossless_pack(weight: torch.Tensor) -> Lossless:
+    """A contiguous (N, K) bf16 weight in the 12-bit lossless layout (lossless_unpack gives its bits back)."""
+    if weight.dim() != 2 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+        raise ValueError(f"lossless_pack: weight must be a contiguous (N, K) bfloat16 tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    _check_isa(0)  # loads the extension
+    return Lossless(*torch.ops.stablelm_kernels.lossless_pack(weight))
+
+
+def lossless_unpack(weight: Lossless, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The (N, K) weight back: its exact bf16 bits, or their fp32 values."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"lossless_unpack: dtype must be bfloat16 or float32, not {dtype}")
+    out = torch.empty(weight.shape, dtype=dtype)
+    torch.ops.stablelm_kernels.lossless_unpack(*weight, out)
+    return out
+
+
+def gemv_lossless(x: torch.Tensor, weight: Lossless, isa: int = -1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) float32/bfloat16/float16 @ a lossless bf16 weight -> (M, N) in x's dtype, as gemv computes with
+    the unpacked weight (the exceptions summed after each row's other inputs)."""
+    n, k = weight.shape
+    _check_rows(x, k)
+    return torch.ops.stablelm_kernels.gemv_lossless(x, *weight, _check_isa(isa), _bias(bias, n))
+
+
+def gemm_lossless(x: torch.Tensor, weight: Lossless, isa: int = -1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt rows against a lossless bf16 weight: gemm's product, each panel decoded as it is packed."""
+    n, k = weight.shape
+    _check_rows(x, k)
+    isa = _check_isa(isa)
+    if (_best_isa() if isa < 0 else isa) < ISA_LEVELS.index("avx2"):
+        raise ValueError("gemm_lossless: runs at AVX2 and up (below it, unpack and multiply in torch)")
+    return torch.ops.stablelm_kernels.gemm_lossless(x, *weight, isa, _bias(bias, n))
 
 
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor,

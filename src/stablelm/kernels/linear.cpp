@@ -600,6 +600,167 @@ float param_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kBFloat16 ? float(t.data_ptr<c10::BFloat16>()[i]) : t.data_ptr<float>()[i];
 }
 
+// ---- bf16 in 12 bits, losslessly ---------------------------------------------------------------------
+// A bf16 weight is a high byte (the sign and the exponent's top 7 bits) and a low byte (the exponent's last
+// bit and the 7 mantissa bits). Within a row of a trained or initialised matrix the high byte takes few
+// values, the row's magnitudes spanning a few binades: each row keeps a table of its 16 commonest high bytes
+// (entry 0 always 0x00) and stores a 4-bit code per weight beside the low byte, 12 bits a weight instead of
+// 16, so batch-1 decoding, which is bound by the bytes it reads, moves a quarter less. A weight whose high
+// byte is not in its row's table (a value ~2^-13 of the row's largest or smaller, a few in 10,000 weights of
+// a Gaussian row) is stored as code 0 with low byte 0, +0.0, and listed apart with its column and bf16
+// value; the products add those after each row's sum. Decoding gives the same bf16 bits back.
+//
+// Layout, per row: the first K64 = K - K % 64 inputs in chunks of 64 inputs, 96 bytes each: 32 bytes of
+// codes (byte j holds the code of storage position j in its low nibble, of position 32 + j in its high
+// one), then the 64 low bytes in storage order. The last K % 64 inputs stay bf16, apart (`tail`). Storage
+// order is what makes decoding cheap: AVX2's in-lane interleaves (vpunpck{l,h}bw of low and high bytes,
+// then vpunpck{l,h}wd against zeros) turn 32 storage positions into four fp32 vectors of consecutive
+// inputs (ll_input gives the input of each position).
+struct Lossless {
+  const uint8_t* values;      // (N, K64 / 64 * 96)
+  const uint8_t* table;       // (N, 16)
+  const uint16_t* tail;       // (N, K - K64) bf16 bits
+  const int64_t* starts;      // (N + 1,): row r's exceptions are [starts[r], starts[r + 1])
+  const int32_t* columns;     // (E,) ascending within a row
+  const uint16_t* exceptions; // (E,) bf16 bits
+  int64_t n, k, k64;
+  int64_t row_bytes() const { return k64 / 64 * 96; }
+  int64_t tail_width() const { return k - k64; }
+};
+
+// The input index (0-63) that storage position s (0-63) of a chunk holds, and back.
+constexpr int ll_input(int s) {
+  return 32 * (s >> 5) + 8 * ((s & 15) >> 2) + ((s & 31) >= 16 ? 4 : 0) + (s & 3);
+}
+constexpr int ll_position(int i) {
+  return 32 * (i >> 5) + ((i & 7) < 4 ? 0 : 16) + 4 * ((i & 31) >> 3) + (i & 3);
+}
+
+inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, 4);
+  return f;
+}
+
+// Input i < K64 of a row as bf16 bits, before its exception (if any) is put back.
+inline uint16_t ll_bits(const Lossless& w, int64_t row, int64_t i) {
+  const uint8_t* chunk = w.values + row * w.row_bytes() + i / 64 * 96;
+  const int s = ll_position(int(i % 64));
+  const int code = s < 32 ? chunk[s] & 0xF : chunk[s - 32] >> 4;
+  return uint16_t(uint16_t(w.table[row * 16 + code]) << 8 | chunk[32 + s]);
+}
+
+// Inputs [i0, i0 + len) of one row as bf16 bits (exact, exceptions included).
+void ll_decode_bits(const Lossless& w, int64_t row, int64_t i0, int64_t len, uint16_t* out) {
+  for (int64_t i = i0; i < i0 + len; ++i)
+    out[i - i0] = i < w.k64 ? ll_bits(w, row, i) : w.tail[row * w.tail_width() + i - w.k64];
+  for (int64_t e = w.starts[row]; e < w.starts[row + 1]; ++e)
+    if (w.columns[e] >= i0 && w.columns[e] < i0 + len) out[w.columns[e] - i0] = w.exceptions[e];
+}
+
+// The exceptions of one row against MR activation rows, added to sums (fp32, in column order).
+template <int MR>
+inline void ll_add_exceptions(const Lossless& w, int64_t row, const float* x, int64_t k, float (&sums)[MR]) {
+  for (int64_t e = w.starts[row]; e < w.starts[row + 1]; ++e) {
+    const float v = bf16_bits_to_float(w.exceptions[e]);
+    for (int r = 0; r < MR; ++r) sums[r] += x[r * k + w.columns[e]] * v;
+  }
+}
+
+// Decode products at the scalar level: the row decoded (exceptions as +0.0), summed in input order, then
+// the exceptions added, as the AVX2 kernel does.
+void ll_rows_scalar(const float* x, int64_t m, const Lossless& w, float* y, int64_t n_begin, int64_t n_end,
+                    int64_t n) {
+  const int64_t k = w.k;
+  std::vector<float> decoded(k);
+  for (int64_t row = n_begin; row < n_end; ++row) {
+    for (int64_t i = 0; i < k; ++i)
+      decoded[i] = bf16_bits_to_float(i < w.k64 ? ll_bits(w, row, i) : w.tail[row * w.tail_width() + i - w.k64]);
+    for (int64_t r = 0; r < m; ++r) {
+      float sum[1] = {0.f};
+      for (int64_t i = 0; i < k; ++i) sum[0] += x[r * k + i] * decoded[i];
+      ll_add_exceptions<1>(w, row, x + r * k, k, sum);
+      y[r * n + row] = sum[0];
+    }
+  }
+}
+
+// Half h of a chunk (inputs 32h .. 32h + 31) as four fp32 vectors of eight consecutive inputs.
+AVX2 __attribute__((always_inline)) inline void ll_half_avx2(const uint8_t* chunk, __m256i high, int h, __m256 (&f)[4]) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 + 32 * h));
+  const __m256i a = _mm256_unpacklo_epi8(low, high), b = _mm256_unpackhi_epi8(low, high);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, b));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, b));
+}
+
+// The high bytes of a chunk's 64 positions: table lookups (vpshufb) of its low nibbles, then its high ones.
+AVX2 __attribute__((always_inline)) inline void ll_high_avx2(const uint8_t* chunk, __m256i table, __m256i (&high)[2]) {
+  const __m256i mask = _mm256_set1_epi8(0xF);
+  const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
+  high[0] = _mm256_shuffle_epi8(table, _mm256_and_si256(codes, mask));
+  high[1] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(codes, 4), mask));
+}
+
+AVX2 inline __m256i ll_table_avx2(const Lossless& w, int64_t row) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table + row * 16)));
+}
+
+// One weight row against MR activation rows (the rows' sums in 4 or 2 accumulators each). For one activation
+// row, K % 64 == 0 and no exceptions, the sum is row_avx2's, in the same order: the same bits.
+template <int MR>
+AVX2 void ll_row_avx2(const float* x, int64_t k, const Lossless& w, int64_t row, float* y, int64_t n) {
+  constexpr int NA = MR == 1 ? 4 : 2;
+  __m256 acc[MR][NA];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NA; ++u) acc[r][u] = _mm256_setzero_ps();
+  const __m256i table = ll_table_avx2(w, row);
+  const uint8_t* chunk = w.values + row * w.row_bytes();
+  for (int64_t i = 0; i < w.k64; i += 64, chunk += 96) {
+    __m256i high[2];
+    ll_high_avx2(chunk, table, high);
+    for (int h = 0; h < 2; ++h) {
+      __m256 f[4];
+      ll_half_avx2(chunk, high[h], h, f);
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < 4; ++u)
+          acc[r][u % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i + 32 * h + 8 * u), f[u], acc[r][u % NA]);
+    }
+  }
+  float sums[MR];
+  for (int r = 0; r < MR; ++r) {  // added as row_avx2 adds: one row's products equal the `native` format's
+    const __m256 pair = _mm256_add_ps(acc[r][0], acc[r][1]);
+    sums[r] = hsum8(NA == 4 ? _mm256_add_ps(pair, _mm256_add_ps(acc[r][NA - 2], acc[r][NA - 1])) : pair);
+    for (int64_t i = w.k64; i < k; ++i)
+      sums[r] += x[r * k + i] * bf16_bits_to_float(w.tail[row * w.tail_width() + i - w.k64]);
+  }
+  ll_add_exceptions<MR>(w, row, x, k, sums);
+  for (int r = 0; r < MR; ++r) y[r * n + row] = sums[r];
+}
+
+// Inputs [i0, i0 + len) of one row (i0 % 64 == 0) as fp32, exact, exceptions included: the GEMM's panels.
+AVX2 void ll_decode_avx2(const Lossless& w, int64_t row, int64_t i0, int64_t len, float* out) {
+  const __m256i table = ll_table_avx2(w, row);
+  const int64_t full = std::min(i0 + len, w.k64);
+  int64_t i = i0;
+  for (; i < full; i += 64) {
+    const uint8_t* chunk = w.values + row * w.row_bytes() + i / 64 * 96;
+    __m256i high[2];
+    ll_high_avx2(chunk, table, high);
+    for (int h = 0; h < 2; ++h) {
+      __m256 f[4];
+      ll_half_avx2(chunk, high[h], h, f);
+      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(out + i - i0 + 32 * h + 8 * u, f[u]);
+    }
+  }
+  for (; i < i0 + len; ++i) out[i - i0] = bf16_bits_to_float(w.tail[row * w.tail_width() + i - w.k64]);
+  for (int64_t e = w.starts[row]; e < w.starts[row + 1]; ++e)
+    if (w.columns[e] >= i0 && w.columns[e] < i0 + len) out[w.columns[e] - i0] = bf16_bits_to_float(w.exceptions[e]);
+}
+
 // ---- prompt products (AVX2 GEMM) -----------------------------------------------------------------
 // Past a few dozen rows a product is bound by arithmetic, not by the weight's bytes, so prompts take a
 // blocked GEMM: the weight is widened to fp32 one panel at a time (kKc inputs x 16 outputs, 16 KB, in L1),
@@ -614,17 +775,19 @@ float param_at(const at::Tensor& t, int64_t i) {
 constexpr int kMr = 6, kNr = 16;
 constexpr int64_t kKc = 256, kMc = 8 * kMr, kNc = 8 * kNr;
 
-enum PanelKind { kPanelBF16, kPanelF16, kPanelI8, kPanelI4 };
+enum PanelKind { kPanelBF16, kPanelF16, kPanelI8, kPanelI4, kPanelF32, kPanelLossless };
 
 // The weight as the prompt product reads it: int8 values q with an fp32 scale per row applied to the
 // outputs; int4 values q (0..15) in gemv_int4's layout, w = q * scale + offset (multiply, then add, as the
-// dense path dequantizes), scale and offset fp32 per group.
+// dense path dequantizes), scale and offset fp32 per group; fp32 rows (a lossless panel's decoded rows);
+// or bf16 in 12 bits (`lossless`, data unused).
 struct PanelWeight {
   const void* data;
   int64_t n, k;
   const float* scale;
   const float* offset;
   int64_t group;
+  const Lossless* lossless = nullptr;
 };
 
 template <PanelKind kind>
@@ -632,6 +795,7 @@ inline float widen_scalar(const PanelWeight& w, int64_t row, int64_t i) {
   if constexpr (kind == kPanelBF16) return load_scalar<kBF16>(w.data, row * w.k + i);
   else if constexpr (kind == kPanelF16) return load_scalar<kF16>(w.data, row * w.k + i);
   else if constexpr (kind == kPanelI8) return load_scalar<kI8>(w.data, row * w.k + i);
+  else if constexpr (kind == kPanelF32) return static_cast<const float*>(w.data)[row * w.k + i];
   else {
     const uint8_t byte = static_cast<const uint8_t*>(w.data)[(row * w.k + i - i % 32) / 2 + i % 16];
     const int64_t g = row * (w.k / w.group) + i / w.group;
@@ -645,6 +809,7 @@ AVX2 inline __m256 widen8(const PanelWeight& w, int64_t row, int64_t i) {
   if constexpr (kind == kPanelBF16) return load8<kBF16>(w.data, row * w.k + i);
   else if constexpr (kind == kPanelF16) return load8<kF16>(w.data, row * w.k + i);
   else if constexpr (kind == kPanelI8) return load8<kI8>(w.data, row * w.k + i);
+  else if constexpr (kind == kPanelF32) return _mm256_loadu_ps(static_cast<const float*>(w.data) + row * w.k + i);
   else {
     const uint8_t* bytes = static_cast<const uint8_t*>(w.data) + (row * w.k + i - i % 32) / 2 + i % 16;
     __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
@@ -683,6 +848,14 @@ AVX2 void pack_panel(const PanelWeight& w, int64_t n0, int64_t k0, int64_t kc, f
   }
   for (; p < kc; ++p)
     for (int j = 0; j < kNr; ++j) panel[p * kNr + j] = j < cols ? widen_scalar<kind>(w, n0 + j, k0 + p) : 0.f;
+}
+
+// A lossless weight's panel: its rows decoded to fp32 first (k0 % 64 == 0), then packed as fp32 rows are.
+AVX2 void pack_panel_lossless(const PanelWeight& w, int64_t n0, int64_t k0, int64_t kc, float* panel) {
+  const int cols = int(std::min<int64_t>(kNr, w.n - n0));
+  alignas(32) float rows[kNr * kKc];
+  for (int j = 0; j < cols; ++j) ll_decode_avx2(*w.lossless, n0 + j, k0, kc, rows + j * kc);
+  pack_panel<kPanelF32>(PanelWeight{rows, cols, kc, nullptr, nullptr, 0}, 0, 0, kc, panel);
 }
 
 // c (rows x cols of a 6 x 16 tile, row stride ldc) = (first ? 0 : c) + a (kc x 6) . b (kc x 16), then
@@ -760,7 +933,11 @@ void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_sca
       for (int64_t pc = 0; pc < k; pc += kKc) {
         const int64_t kc = std::min(kKc, k - pc);
         const bool first = pc == 0, last = pc + kc == k;
-        for (int64_t j = jc; j < jn; ++j) pack_panel<kind>(w, j * kNr, pc, kc, panel + (j - jc) * kKc * kNr);
+        for (int64_t j = jc; j < jn; ++j) {
+          float* dst = panel + (j - jc) * kKc * kNr;
+          if constexpr (kind == kPanelLossless) pack_panel_lossless(w, j * kNr, pc, kc, dst);
+          else pack_panel<kind>(w, j * kNr, pc, kc, dst);
+        }
         for (int64_t ic = 0; ic < strips; ic += kMc / kMr) {
           const int64_t in = std::min(strips, ic + kMc / kMr);
           for (int64_t j = jc; j < jn; ++j)
@@ -1055,6 +1232,34 @@ at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::
   return finish(y, bias, x_in.scalar_type());
 }
 
+// x (M, K) times the checked weight `w` read as `kind`, plus the bias, in x's dtype (gemm and gemm_lossless).
+at::Tensor gemm_rows(const at::Tensor& x_in, const PanelWeight& w, PanelKind kind, const float* out_scale,
+                     const c10::optional<at::Tensor>& bias) {
+  const int64_t m = x_in.size(0), n = w.n, k = w.k;
+  // The packed activations live in this thread's buffer from call to call, as each worker's block of
+  // products does: fresh pages cost more than the packing (first-touch faults run at ~1.3 GB/s on the VM of
+  // the README), and a prompt's forward makes four products a layer.
+  thread_local std::vector<float> packed;
+  const int64_t strips = (m + kMr - 1) / kMr;
+  if (packed.size() < size_t(strips * k * kMr)) packed.resize(strips * k * kMr);
+  at::Tensor out = at::empty({m, n}, x_in.options());
+  as_type(x_in.scalar_type(), [&](auto* type) {
+    using X = std::remove_pointer_t<decltype(type)>;
+    const X* xp = x_in.data_ptr<X>();
+    X* op = out.data_ptr<X>();
+    with_bias(bias, n, [&](const auto* bp) {
+      switch (kind) {
+        case kPanelBF16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
+        case kPanelF16: gemm_avx2<kPanelF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
+        case kPanelI8: gemm_avx2<kPanelI8>(xp, m, w, out_scale, bp, packed.data(), op); break;
+        case kPanelI4: gemm_avx2<kPanelI4>(xp, m, w, nullptr, bp, packed.data(), op); break;
+        default: gemm_avx2<kPanelLossless>(xp, m, w, nullptr, bp, packed.data(), op);
+      }
+    });
+  });
+  return out;
+}
+
 // Prompt rows: x (M, K) fp32/bf16/fp16 times weight (N, K) bf16 / fp16 / int8 (scale (N,) fp32: outputs
 // times scale) or packed int4 as gemv_int4 (scale and offset (N, K / group) fp32), plus the bias, in x's dtype.
 at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
@@ -1084,27 +1289,147 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf || int4 ||
                   weight.scalar_type() == at::kChar,
               "stablelm kernels: weight dtype ", weight.scalar_type(), " has no prompt product");
-  // The packed activations live in this thread's buffer from call to call, as each worker's block of
-  // products does: fresh pages cost more than the packing (first-touch faults run at ~1.3 GB/s on the VM of
-  // the README), and a prompt's forward makes four products a layer.
-  thread_local std::vector<float> packed;
-  const int64_t strips = (m + kMr - 1) / kMr;
-  if (packed.size() < size_t(strips * k * kMr)) packed.resize(strips * k * kMr);
-  at::Tensor out = at::empty({m, n}, x_in.options());
-  as_type(x_in.scalar_type(), [&](auto* type) {
-    using X = std::remove_pointer_t<decltype(type)>;
-    const X* xp = x_in.data_ptr<X>();
-    X* op = out.data_ptr<X>();
-    with_bias(bias, n, [&](const auto* bp) {
-      switch (weight.scalar_type()) {
-        case at::kBFloat16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
-        case at::kHalf: gemm_avx2<kPanelF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
-        case at::kChar: gemm_avx2<kPanelI8>(xp, m, w, out_scale, bp, packed.data(), op); break;
-        default: gemm_avx2<kPanelI4>(xp, m, w, nullptr, bp, packed.data(), op);
-      }
-    });
+  const PanelKind kind = weight.scalar_type() == at::kBFloat16 ? kPanelBF16
+                         : weight.scalar_type() == at::kHalf   ? kPanelF16
+                         : weight.scalar_type() == at::kChar   ? kPanelI8
+                                                               : kPanelI4;
+  return gemm_rows(x_in, w, kind, out_scale, bias);
+}
+
+// The lossless bf16 weight of gemv_lossless, checked: the tensors lossless_pack returns.
+Lossless lossless_of(const at::Tensor& values, const at::Tensor& table, const at::Tensor& tail,
+                     const at::Tensor& starts, const at::Tensor& columns, const at::Tensor& exceptions) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kByte && values.is_contiguous() &&
+                  values.size(1) % 96 == 0,
+              "stablelm kernels: lossless values must be contiguous (N, K64 / 64 * 96) uint8");
+  const int64_t n = values.size(0), k64 = values.size(1) / 96 * 64;
+  TORCH_CHECK(table.scalar_type() == at::kByte && table.is_contiguous() && table.numel() == n * 16,
+              "stablelm kernels: lossless table must be contiguous (N, 16) uint8");
+  TORCH_CHECK(tail.dim() == 2 && tail.size(0) == n && tail.size(1) < 64 && tail.scalar_type() == at::kBFloat16 &&
+                  tail.is_contiguous(),
+              "stablelm kernels: lossless tail must be contiguous (N, K % 64) bfloat16");
+  TORCH_CHECK(starts.scalar_type() == at::kLong && starts.is_contiguous() && starts.numel() == n + 1 &&
+                  columns.scalar_type() == at::kInt && columns.is_contiguous() &&
+                  exceptions.scalar_type() == at::kBFloat16 && exceptions.is_contiguous() &&
+                  columns.numel() == exceptions.numel(),
+              "stablelm kernels: lossless exceptions need starts (N + 1,) int64, columns int32 and bfloat16 values");
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  TORCH_CHECK(sp[0] == 0 && sp[n] == columns.numel(), "stablelm kernels: lossless starts must run from 0 to ",
+              columns.numel());
+  return Lossless{values.data_ptr<uint8_t>(), table.data_ptr<uint8_t>(),
+                  reinterpret_cast<const uint16_t*>(tail.data_ptr()), sp, columns.data_ptr<int32_t>(),
+                  reinterpret_cast<const uint16_t*>(exceptions.data_ptr()), n, k64 + tail.size(1), k64};
+}
+
+// bf16 (N, K) -> the lossless layout above: values, table, tail, starts, columns, exceptions. Each row's
+// table holds 0x00, then its 15 commonest other high bytes (most first, ties to the smaller byte).
+std::vector<at::Tensor> lossless_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "stablelm kernels: lossless_pack takes a contiguous (N, K) bfloat16 weight");
+  const int64_t n = weight.size(0), k = weight.size(1), k64 = k - k % 64;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  at::Tensor values = at::empty({n, k64 / 64 * 96}, at::kByte), table = at::empty({n, 16}, at::kByte);
+  at::Tensor tail = at::empty({n, k - k64}, at::kBFloat16), starts = at::empty({n + 1}, at::kLong);
+  uint8_t *vp = values.data_ptr<uint8_t>(), *tp = table.data_ptr<uint8_t>();
+  uint16_t* tailp = reinterpret_cast<uint16_t*>(tail.data_ptr());
+  int64_t* sp = starts.data_ptr<int64_t>();
+  // codes[row * 256 + high byte]: its code, or -1 (an exception)
+  std::vector<int8_t> codes(n * 256);
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint16_t* w = bits + row * k;
+      int64_t count[256] = {};
+      for (int64_t i = 0; i < k64; ++i) ++count[w[i] >> 8];
+      int order[255];
+      for (int b = 0; b < 255; ++b) order[b] = b + 1;
+      std::partial_sort(order, order + 15, order + 255,
+                        [&](int a, int b) { return count[a] != count[b] ? count[a] > count[b] : a < b; });
+      int8_t* code = codes.data() + row * 256;
+      std::fill(code, code + 256, int8_t(-1));
+      tp[row * 16] = 0, code[0] = 0;
+      for (int c = 1; c < 16; ++c) tp[row * 16 + c] = uint8_t(order[c - 1]), code[order[c - 1]] = int8_t(c);
+      int64_t missing = 0;
+      for (int b = 0; b < 256; ++b) missing += code[b] < 0 ? count[b] : 0;
+      sp[row + 1] = missing;
+      std::memcpy(tailp + row * (k - k64), w + k64, (k - k64) * 2);
+    }
   });
-  return out;
+  sp[0] = 0;
+  for (int64_t row = 0; row < n; ++row) sp[row + 1] += sp[row];
+  at::Tensor columns = at::empty({sp[n]}, at::kInt), exceptions = at::empty({sp[n]}, at::kBFloat16);
+  int32_t* cp = columns.data_ptr<int32_t>();
+  uint16_t* ep = reinterpret_cast<uint16_t*>(exceptions.data_ptr());
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint16_t* w = bits + row * k;
+      const int8_t* code = codes.data() + row * 256;
+      int64_t e = sp[row];
+      for (int64_t i = 0; i < k64; ++i)
+        if (code[w[i] >> 8] < 0) cp[e] = int32_t(i), ep[e++] = w[i];
+      for (int64_t c = 0; c < k64 / 64; ++c) {
+        uint8_t* chunk = vp + row * (k64 / 64 * 96) + c * 96;
+        std::memset(chunk, 0, 32);
+        for (int s = 0; s < 64; ++s) {
+          const uint16_t b = w[c * 64 + ll_input(s)];
+          const int8_t found = code[b >> 8];
+          chunk[s % 32] |= uint8_t((found < 0 ? 0 : found) << (s < 32 ? 0 : 4));
+          chunk[32 + s] = found < 0 ? 0 : uint8_t(b & 0xFF);
+        }
+      }
+    }
+  });
+  return {values, table, tail, starts, columns, exceptions};
+}
+
+// The lossless weight back as (N, K) bf16 (the same bits) or fp32 in `out`.
+void lossless_unpack(const at::Tensor& values, const at::Tensor& table, const at::Tensor& tail,
+                     const at::Tensor& starts, const at::Tensor& columns, const at::Tensor& exceptions,
+                     const at::Tensor& out) {
+  const Lossless w = lossless_of(values, table, tail, starts, columns, exceptions);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == w.n && out.size(1) == w.k && out.is_contiguous() &&
+                  (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
+              "stablelm kernels: lossless_unpack writes a contiguous (", w.n, ", ", w.k, ") bfloat16 or float32 tensor");
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> row_bits(w.k);
+    for (int64_t row = begin; row < end; ++row) {
+      ll_decode_bits(w, row, 0, w.k, row_bits.data());
+      if (bf16) std::memcpy(static_cast<uint16_t*>(out.data_ptr()) + row * w.k, row_bits.data(), w.k * 2);
+      else
+        for (int64_t i = 0; i < w.k; ++i) out.data_ptr<float>()[row * w.k + i] = bf16_bits_to_float(row_bits[i]);
+    }
+  });
+}
+
+// x (M, K) fp32 / bf16 / fp16 times a lossless bf16 weight, plus the bias, in x's dtype.
+at::Tensor gemv_lossless(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& table,
+                         const at::Tensor& tail, const at::Tensor& starts, const at::Tensor& columns,
+                         const at::Tensor& exceptions, int64_t isa, const c10::optional<at::Tensor>& bias) {
+  const Lossless w = lossless_of(values, table, tail, starts, columns, exceptions);
+  const int64_t n = w.n, k = w.k, m = x_in.size(0);
+  check_x(x_in, k);
+  const float* xp = widened(x_in);
+  isa = resolve_isa(isa);
+  auto y = at::empty({m, n}, x_in.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    if (isa < kAvx2) return ll_rows_scalar(xp, m, w, yp, begin, end, n);
+    for (int64_t row = begin; row < end; ++row)
+      over_rows(m, [&](int64_t r) { ll_row_avx2<1>(xp + r * k, k, w, row, yp + r * n, n); },
+                   [&](int64_t r) { ll_row_avx2<2>(xp + r * k, k, w, row, yp + r * n, n); },
+                   [&](int64_t r) { ll_row_avx2<4>(xp + r * k, k, w, row, yp + r * n, n); });
+  });
+  return finish(y, bias, x_in.scalar_type());
+}
+
+// Prompt rows against a lossless bf16 weight: the GEMM, each panel decoded as it is packed.
+at::Tensor gemm_lossless(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& table,
+                         const at::Tensor& tail, const at::Tensor& starts, const at::Tensor& columns,
+                         const at::Tensor& exceptions, int64_t isa, const c10::optional<at::Tensor>& bias) {
+  const Lossless w = lossless_of(values, table, tail, starts, columns, exceptions);
+  check_x(x_in, w.k);
+  TORCH_CHECK(resolve_isa(isa) >= kAvx2, "stablelm kernels: gemm needs AVX2 (the caller multiplies in torch below it)");
+  return gemm_rows(x_in, PanelWeight{nullptr, w.n, w.k, nullptr, nullptr, 0, &w}, kPanelLossless, nullptr, bias);
 }
 
 int64_t isa_level() { return best_isa(); }
@@ -1117,5 +1442,9 @@ TORCH_LIBRARY(stablelm_kernels, m) {
   m.def("gemv_q8(Tensor x, Tensor weight, Tensor scale, Tensor? zero, int group, int isa, Tensor? bias=None) -> Tensor", gemv_q8);
   m.def("gemv_q16(Tensor x, Tensor weight, Tensor scale, int isa, Tensor? bias=None) -> Tensor", gemv_q16);
   m.def("gemm(Tensor x, Tensor weight, Tensor? scale, Tensor? offset, int group, int isa, Tensor? bias=None) -> Tensor", gemm);
+  m.def("gemv_lossless(Tensor x, Tensor values, Tensor table, Tensor tail, Tensor starts, Tensor columns, Tensor exceptions, int isa, Tensor? bias=None) -> Tensor", gemv_lossless);
+  m.def("gemm_lossless(Tensor x, Tensor values, Tensor table, Tensor tail, Tensor starts, Tensor columns, Tensor exceptions, int isa, Tensor? bias=None) -> Tensor", gemm_lossless);
+  m.def("lossless_pack(Tensor weight) -> Tensor[]", lossless_pack);
+  m.def("lossless_unpack(Tensor values, Tensor table, Tensor tail, Tensor starts, Tensor columns, Tensor exceptions, Tensor(a!) out) -> ()", lossless_unpack);
   m.def("isa_level() -> int", isa_level);
 }
