@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from stablelm.layers.linear import FORMATS
 
 SHAPES = [(6144, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]  # qkv, o, gate/up, down (N, K)
-KINDS = {"bf16": "native", "int8": "int8-native", "int4": "int4-native"}
+KINDS = {"bf16": "native", "bf16-lossless": "native-lossless", "int8": "int8-native", "int4": "int4-native"}
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ product reads its weight from memory, as decoding does, and prints the best of 5
 kernel reads (values plus scales / zero points). Compare with a plain memory read on the same machine
 (`torch.ones(2**27).sum()`: 27 GB/s on the 2-core AMD EPYC of the README).
 
-    python benchmarks/gemv_cold.py --formats int4-native int8-native native --rows 1 8
+    python benchmarks/gemv_cold.py --formats int4-native int8-native native-lossless native --rows 1 8
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ SHAPES = [(6144, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] * 3  # qkv, o
 
 def streamed_bytes(module) -> int:
     """The bytes a decode product reads: the weight and what the kernel reads beside it."""
+    if hasattr(module, "packed"):  # native-lossless: codes, low bytes, tables, tails and exceptions
+        return sum(t.numel() * t.element_size() for t in module.packed)
     names = ("weight", "kernel_scale", "kernel_zero") if hasattr(module, "kernel_scale") else ("weight", "scale32")
     return sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names if hasattr(module, n))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--formats", nargs="+", default=["int4-native", "int8-native", "native"])
+    p.add_argument("--formats", nargs="+", default=["int4-native", "int8-native", "native-lossless", "native"])
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="activation rows (decode batch)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()

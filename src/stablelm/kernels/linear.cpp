@@ -713,7 +713,7 @@ AVX2 inline __m256i ll_table_avx2(const Lossless& w, int64_t row) {
 // row, K % 64 == 0 and no exceptions, the sum is row_avx2's, in the same order: the same bits.
 template <int MR>
 AVX2 void ll_row_avx2(const float* x, int64_t k, const Lossless& w, int64_t row, float* y, int64_t n) {
-  constexpr int NA = MR == 1 ? 4 : 2;
+  constexpr int NA = MR <= 2 ? 4 : 2;
   __m256 acc[MR][NA];
   for (int r = 0; r < MR; ++r)
     for (int u = 0; u < NA; ++u) acc[r][u] = _mm256_setzero_ps();
@@ -1414,10 +1414,14 @@ at::Tensor gemv_lossless(const at::Tensor& x_in, const at::Tensor& values, const
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     if (isa < kAvx2) return ll_rows_scalar(xp, m, w, yp, begin, end, n);
-    for (int64_t row = begin; row < end; ++row)
-      over_rows(m, [&](int64_t r) { ll_row_avx2<1>(xp + r * k, k, w, row, yp + r * n, n); },
-                   [&](int64_t r) { ll_row_avx2<2>(xp + r * k, k, w, row, yp + r * n, n); },
-                   [&](int64_t r) { ll_row_avx2<4>(xp + r * k, k, w, row, yp + r * n, n); });
+    // Blocks of 16 weight rows against each chunk of (up to 4) activation rows in turn, as rows_simd does:
+    // the chunk stays in L1 across the block (per weight row, chunk after chunk: 8 rows took 3x 4 rows' time).
+    for (int64_t b = begin; b < end; b += 16) {
+      const int64_t e = std::min(b + 16, end);
+      over_rows(m, [&](int64_t r) { for (int64_t row = b; row < e; ++row) ll_row_avx2<1>(xp + r * k, k, w, row, yp + r * n, n); },
+                   [&](int64_t r) { for (int64_t row = b; row < e; ++row) ll_row_avx2<2>(xp + r * k, k, w, row, yp + r * n, n); },
+                   [&](int64_t r) { for (int64_t row = b; row < e; ++row) ll_row_avx2<4>(xp + r * k, k, w, row, yp + r * n, n); });
+    }
   });
   return finish(y, bias, x_in.scalar_type());
 }
