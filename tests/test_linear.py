@@ -443,11 +443,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
                                                                      b.contiguous().view(-1).view(torch.uint8))
 
 
+@pytest.mark.parametrize("isa", native_levels())
 @pytest.mark.parametrize("name,weight", list(lossless_cases()), ids=[name for name, _ in lossless_cases()])
-def test_lossless_pack_is_the_reference_layout_and_gives_the_bits_back(name, weight):
-    if kernels.native_ops() is None:
-        pytest.skip("the native kernels are not built here")
-    packed = kernels.lossless_pack(weight)
+def test_lossless_pack_is_the_reference_layout_and_gives_the_bits_back(name, weight, isa):
+    packed = kernels.lossless_pack(weight, isa)
     reference = lossless_pack_reference(weight)
     for field, got, expected in zip(kernels.Lossless._fields, packed, reference):
         assert same_bits(got, expected), field

@@ -273,13 +273,14 @@ class Lossless(NamedTuple):
         return self.values.shape[0], self.values.shape[1] // 96 * 64 + self.tail.shape[1]
 
 
-def lossless_pack(weight: torch.Tensor) -> Lossless:
-    """A contiguous (N, K) bf16 weight in the 12-bit lossless layout (lossless_unpack gives its bits back)."""
+def lossless_pack(weight: torch.Tensor, isa: int = -1) -> Lossless:
+    """A contiguous (N, K) bf16 weight in the 12-bit lossless layout (lossless_unpack gives its bits back);
+    every ISA level writes the same bytes."""
     if weight.dim() != 2 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
         raise ValueError(f"lossless_pack: weight must be a contiguous (N, K) bfloat16 tensor, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    _check_isa(0)  # loads the extension
-    return Lossless(*torch.ops.stablelm_kernels.lossless_pack(weight))
+    isa = _check_isa(isa)  # loads the extension before its op is looked up
+    return Lossless(*torch.ops.stablelm_kernels.lossless_pack(weight, isa))
 
 
 def lossless_unpack(weight: Lossless, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -635,6 +636,12 @@ constexpr int ll_input(int s) {
 constexpr int ll_position(int i) {
   return 32 * (i >> 5) + ((i & 7) < 4 ? 0 : 16) + 4 * ((i & 31) >> 3) + (i & 3);
 }
+
+constexpr auto kPosition = [] {
+  std::array<uint8_t, 64> position{};
+  for (int i = 0; i < 64; ++i) position[i] = uint8_t(ll_position(i));
+  return position;
+}();
 
 inline float bf16_bits_to_float(uint16_t bits) {
   const uint32_t wide = uint32_t(bits) << 16;
@@ -1321,11 +1328,57 @@ Lossless lossless_of(const at::Tensor& values, const at::Tensor& table, const at
                   reinterpret_cast<const uint16_t*>(exceptions.data_ptr()), n, k64 + tail.size(1), k64};
 }
 
+// One chunk's 64 inputs (bf16 bits, in input order) encoded into its 96 bytes; the exceptions recorded at e
+// (columns from col0, ascending).
+void ll_encode_scalar(const uint16_t* w, const int8_t* code, uint8_t* chunk, int64_t col0, int32_t* columns,
+                      uint16_t* exceptions, int64_t& e) {
+  uint8_t stored[64];
+  for (int i = 0; i < 64; ++i) {
+    const int8_t found = code[w[i] >> 8];
+    const int s = kPosition[i];
+    if (found < 0) {
+      columns[e] = int32_t(col0 + i), exceptions[e++] = w[i];
+      stored[s] = 0, chunk[32 + s] = 0;
+    } else {
+      stored[s] = uint8_t(found), chunk[32 + s] = uint8_t(w[i] & 0xFF);
+    }
+  }
+  for (int t = 0; t < 32; ++t) chunk[t] = uint8_t(stored[t] | stored[32 + t] << 4);
+}
+
+// The same at AVX2, for a chunk without exceptions (false, having written nothing, for one with any). Per half
+// of 32 inputs: 64-bit groups reordered [0, 2, 1, 3], then bytes packed in lane, put the inputs in storage
+// order (positions 0-15: inputs 0-3, 8-11, 16-19, 24-27), and each high byte is compared with the 16 entries.
+AVX2 bool ll_encode_avx2(const uint16_t* w, const uint8_t* table, uint8_t* chunk) {
+  const __m256i byte = _mm256_set1_epi16(0xFF);
+  __m256i codes[2], lows[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v0 = _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h)), 0xD8);
+    const __m256i v1 =
+        _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h + 16)), 0xD8);
+    const __m256i high = _mm256_packus_epi16(_mm256_srli_epi16(v0, 8), _mm256_srli_epi16(v1, 8));
+    __m256i code = _mm256_setzero_si256(), found = _mm256_setzero_si256();
+    for (int c = 0; c < 16; ++c) {
+      const __m256i eq = _mm256_cmpeq_epi8(high, _mm256_set1_epi8(char(table[c])));
+      code = _mm256_or_si256(code, _mm256_and_si256(eq, _mm256_set1_epi8(char(c))));
+      found = _mm256_or_si256(found, eq);
+    }
+    if (_mm256_movemask_epi8(found) != -1) return false;
+    codes[h] = code;
+    lows[h] = _mm256_packus_epi16(_mm256_and_si256(v0, byte), _mm256_and_si256(v1, byte));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunk), _mm256_or_si256(codes[0], _mm256_slli_epi16(codes[1], 4)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunk + 32), lows[0]);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunk + 64), lows[1]);
+  return true;
+}
+
 // bf16 (N, K) -> the lossless layout above: values, table, tail, starts, columns, exceptions. Each row's
 // table holds 0x00, then its 15 commonest other high bytes (most first, ties to the smaller byte).
-std::vector<at::Tensor> lossless_pack(const at::Tensor& weight) {
+std::vector<at::Tensor> lossless_pack(const at::Tensor& weight, int64_t isa) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
               "stablelm kernels: lossless_pack takes a contiguous (N, K) bfloat16 weight");
+  isa = resolve_isa(isa);
   const int64_t n = weight.size(0), k = weight.size(1), k64 = k - k % 64;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   at::Tensor values = at::empty({n, k64 / 64 * 96}, at::kByte), table = at::empty({n, 16}, at::kByte);
@@ -1338,12 +1391,21 @@ std::vector<at::Tensor> lossless_pack(const at::Tensor& weight) {
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const uint16_t* w = bits + row * k;
-      int64_t count[256] = {};
-      for (int64_t i = 0; i < k64; ++i) ++count[w[i] >> 8];
-      int order[255];
-      for (int b = 0; b < 255; ++b) order[b] = b + 1;
-      std::partial_sort(order, order + 15, order + 255,
-                        [&](int a, int b) { return count[a] != count[b] ? count[a] > count[b] : a < b; });
+      // Four histograms in turn: a row's high bytes repeat, and one counter's increments would wait on each
+      // other through memory.
+      int64_t counts[4][256] = {}, count[256];
+      int64_t i = 0;
+      for (; i + 4 <= k64; i += 4)
+        for (int j = 0; j < 4; ++j) ++counts[j][w[i + j] >> 8];
+      for (; i < k64; ++i) ++counts[0][w[i] >> 8];
+      for (int b = 0; b < 256; ++b) count[b] = counts[0][b] + counts[1][b] + counts[2][b] + counts[3][b];
+      // The 15 commonest bytes other than 0x00 (most first, ties to the smaller), then unused bytes in order.
+      int order[255], used = 0;
+      for (int b = 1; b < 256; ++b)
+        if (count[b]) order[used++] = b;
+      std::sort(order, order + used, [&](int a, int b) { return count[a] != count[b] ? count[a] > count[b] : a < b; });
+      for (int b = 1; b < 256 && used < 15; ++b)
+        if (!count[b]) order[used++] = b;
       int8_t* code = codes.data() + row * 256;
       std::fill(code, code + 256, int8_t(-1));
       tp[row * 16] = 0, code[0] = 0;
@@ -1364,17 +1426,10 @@ std::vector<at::Tensor> lossless_pack(const at::Tensor& weight) {
       const uint16_t* w = bits + row * k;
       const int8_t* code = codes.data() + row * 256;
       int64_t e = sp[row];
-      for (int64_t i = 0; i < k64; ++i)
-        if (code[w[i] >> 8] < 0) cp[e] = int32_t(i), ep[e++] = w[i];
-      for (int64_t c = 0; c < k64 / 64; ++c) {
+      for (int64_t c = 0; c < k64 / 64; ++c) {  // chunks in order: the exceptions ascend
         uint8_t* chunk = vp + row * (k64 / 64 * 96) + c * 96;
-        std::memset(chunk, 0, 32);
-        for (int s = 0; s < 64; ++s) {
-          const uint16_t b = w[c * 64 + ll_input(s)];
-          const int8_t found = code[b >> 8];
-          chunk[s % 32] |= uint8_t((found < 0 ? 0 : found) << (s < 32 ? 0 : 4));
-          chunk[32 + s] = found < 0 ? 0 : uint8_t(b & 0xFF);
-        }
+        if (!(isa >= kAvx2 && ll_encode_avx2(w + c * 64, tp + row * 16, chunk)))
+          ll_encode_scalar(w + c * 64, code, chunk, c * 64, cp, ep, e);
       }
     }
   });
@@ -1448,7 +1503,7 @@ TORCH_LIBRARY(stablelm_kernels, m) {
   m.def("gemm(Tensor x, Tensor weight, Tensor? scale, Tensor? offset, int group, int isa, Tensor? bias=None) -> Tensor", gemm);
   m.def("gemv_lossless(Tensor x, Tensor values, Tensor table, Tensor tail, Tensor starts, Tensor columns, Tensor exceptions, int isa, Tensor? bias=None) -> Tensor", gemv_lossless);
   m.def("gemm_lossless(Tensor x, Tensor values, Tensor table, Tensor tail, Tensor starts, Tensor columns, Tensor exceptions, int isa, Tensor? bias=None) -> Tensor", gemm_lossless);
-  m.def("lossless_pack(Tensor weight) -> Tensor[]", lossless_pack);
+  m.def("lossless_pack(Tensor weight, int isa=-1) -> Tensor[]", lossless_pack);
   m.def("lossless_unpack(Tensor values, Tensor table, Tensor tail, Tensor starts, Tensor columns, Tensor exceptions, Tensor(a!) out) -> ()", lossless_unpack);
   m.def("isa_level() -> int", isa_level);
 }
