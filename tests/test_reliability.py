@@ -591,9 +591,9 @@ def test_serve_without_fastapi_names_the_extra():
 
 # -- the soak ------------------------------------------------------------------------------------
 def test_soak_mixed_good_bad_and_vanishing_clients(server):
-    """300 requests from 12 threads: greedy ones (checked against their solo answers), bad ones, streams
-    dropped midway, clients that time out. Afterwards every good answer matched, the engine is idle,
-    memory is back near where it was, and the server still answers."""
+    """200 requests from 12 threads (every other kind 14-19 times): greedy ones (checked against their solo
+    answers), bad ones, streams dropped midway, clients that time out. Afterwards every good answer matched,
+    the engine is idle, memory is back near where it was, and the server still answers."""
     prompts = ["To be", "or not", "Whether 'tis", "Caf\u00e9 na\u00efve", "Or to take arms"]
     solo = {p: completion(server, p, 12).json()["choices"][0]["text"] for p in prompts}
     for _ in range(20):  # warm up, then take the baseline
@@ -601,7 +601,7 @@ def test_soak_mixed_good_bad_and_vanishing_clients(server):
     baseline = server.rss()
     rng = random.Random(0)
     kinds = ["good"] * 5 + ["stream_good", "bad_seed", "bad_json", "bad_temp", "drop_stream", "timeout", "n3"]
-    plan = [(rng.choice(kinds), rng.choice(prompts)) for _ in range(300)]
+    plan = [(rng.choice(kinds), rng.choice(prompts)) for _ in range(200)]
     failures = []
 
     def one(kind, prompt):
