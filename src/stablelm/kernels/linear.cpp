@@ -17,6 +17,7 @@
 //                (a multiple of 32) share a scale and a zero point. gemv_int4 (fp32 activations): fp32 scale
 //                and offset, w = q * scale + offset. gemv_q8: fp32 or bf16 scale and zero as the checkpoint
 //                stores them, w = (q - 8) * scale + zero (bf16: 4.5 bits a weight, as ggml's Q4_0).
+//   bf16 lossless (gemv_lossless, gemm_lossless): 12 bits a weight, see "bf16 in 12 bits" below.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

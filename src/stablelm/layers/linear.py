@@ -266,8 +266,8 @@ class Native16(LinearFormat):
     name = "native"
     keeps_weight = True
     dtypes = (torch.bfloat16, torch.float16)
-    # the GEMM (gemm) is as fast from here, and faster past it (AVX2 EPYC, 2048 -> 11264, bf16 and lossless alike:
-    # 12 rows 7.7 vs 7.2 ms, 16 rows 9.4 vs 9.3, 24 rows 11.0 vs 15.5: `python benchmarks/crossover.py`)
+    # the GEMM (gemm) is as fast from here, and faster past it (AVX2 EPYC, 2048 -> 11264, bf16 and lossless alike,
+    # GEMM / decode kernel: 12 rows 7.7 / 7.2 ms, 16 rows 9.4 / 9.3, 24 rows 11.0 / 15.5; benchmarks/crossover.py)
     native_rows = 16
 
     @classmethod
