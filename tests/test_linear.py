@@ -6,6 +6,7 @@ path the probe calls available raises.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -171,11 +172,14 @@ def test_torch_fallback_without_native_kernels(ckpt):
          else {None: "dense", "int8": "int8-torch", "int4": "int4-torch"}[q] for q in (None, "int8", "int4")]
 
 
-def test_describe_reports_the_choice():
+def test_describe_reports_the_choice(capsys):
     info = linear.describe()
     assert info["torch_capability"] == kernels.cpu_capability() and info["cpu"]
     assert info["chosen"]["float32"] in linear.FORMATS
     assert set(info["formats"]) == set(linear.FORMATS)
+    from stablelm.kernels.__main__ import main  # `python -m stablelm.kernels`: builds, then prints the same
+
+    assert main() == 0 and json.loads(capsys.readouterr().out) == info
 
 
 def test_each_kernel_source_builds_in_its_own_folder(tmp_path, monkeypatch):
