@@ -35,7 +35,7 @@ STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("reliability")
-    tiny_checkpoint(path, max_position_embeddings=256)
+    tiny_checkpoint(path, max_position_embeddings=1024)  # room for generations that outlast their clients
     tok = tiny_tokenizer(STRICT_TEMPLATE)
     tok.save_pretrained(path)
     return path
@@ -268,7 +268,9 @@ def test_a_slow_body_times_out(server):
 
 # -- 5. an abandoned non-streaming request stops -------------------------------------------------
 def test_abandoned_non_streaming_requests_are_cancelled(server):
-    body = {"model": "tiny", "prompt": "To be", "max_tokens": 240, "temperature": 0}
+    # 1000 decode steps outlast the client's 0.5 s and the server's 0.25 s disconnect poll on any CPU (with 240,
+    # a fast run finished one of the six before its client was missed: 5 cancelled)
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 1000, "temperature": 0}
 
     def gone():
         try:
