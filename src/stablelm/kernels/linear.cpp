@@ -620,7 +620,7 @@ float param_at(const at::Tensor& t, int64_t i) {
 // one), then the 64 low bytes in storage order. The last K % 64 inputs stay bf16, apart (`tail`). Storage
 // order is what makes decoding cheap: AVX2's in-lane interleaves (vpunpck{l,h}bw of low and high bytes,
 // then vpunpck{l,h}wd against zeros) turn 32 storage positions into four fp32 vectors of consecutive
-// inputs (ll_input gives the input of each position).
+// inputs (kPosition gives the position of each input).
 struct Lossless {
   const uint8_t* values;      // (N, K64 / 64 * 96)
   const uint8_t* table;       // (N, 16)
@@ -633,10 +633,8 @@ struct Lossless {
   int64_t tail_width() const { return k - k64; }
 };
 
-// The input index (0-63) that storage position s (0-63) of a chunk holds, and back.
-constexpr int ll_input(int s) {
-  return 32 * (s >> 5) + 8 * ((s & 15) >> 2) + ((s & 31) >= 16 ? 4 : 0) + (s & 3);
-}
+// The storage position (0-63) of input i (0-63) of a chunk: positions 0-15 hold inputs 0-3, 8-11, 16-19,
+// 24-27, positions 16-31 inputs 4-7, 12-15, 20-23, 28-31, and the same for the chunk's second half.
 constexpr int ll_position(int i) {
   return 32 * (i >> 5) + ((i & 7) < 4 ? 0 : 16) + 4 * ((i & 31) >> 3) + (i & 3);
 }
@@ -657,7 +655,7 @@ inline float bf16_bits_to_float(uint16_t bits) {
 // Input i < K64 of a row as bf16 bits, before its exception (if any) is put back.
 inline uint16_t ll_bits(const Lossless& w, int64_t row, int64_t i) {
   const uint8_t* chunk = w.values + row * w.row_bytes() + i / 64 * 96;
-  const int s = ll_position(int(i % 64));
+  const int s = kPosition[i % 64];
   const int code = s < 32 ? chunk[s] & 0xF : chunk[s - 32] >> 4;
   return uint16_t(uint16_t(w.table[row * 16 + code]) << 8 | chunk[32 + s]);
 }
