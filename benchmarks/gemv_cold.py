@@ -6,6 +6,7 @@ kernel reads (values plus scales / zero points). Compare with a plain memory rea
 (`torch.ones(2**27).sum()`: 27 GB/s on the 2-core AMD EPYC of the README).
 
     python benchmarks/gemv_cold.py --formats int4-native int8-native native-lossless native --rows 1 8
+    python benchmarks/gemv_cold.py --formats native-lossless --isa avx2 avx512 avx2 avx512   # the same weights
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from stablelm import kernels
 from stablelm.layers.linear import FORMATS
 
 SHAPES = [(6144, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] * 3  # qkv, o, gate/up, down
@@ -33,22 +35,32 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["int4-native", "int8-native", "native-lossless", "native"])
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="activation rows (decode batch)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--isa", nargs="+", choices=kernels.ISA_LEVELS, default=[None],
+                   help="native kernel levels to run in turn (default: the CPU's best, or STABLELM_ISA)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.formats:
         g = torch.Generator().manual_seed(0)
         modules = [FORMATS[name].from_weight(torch.randn(n, k, generator=g).bfloat16() * 0.02) for n, k in SHAPES]
         total = sum(streamed_bytes(m) for m in modules)
-        for rows in args.rows:
-            xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (2048, 5632)}
-            best = float("inf")
-            with torch.inference_mode():
-                for _ in range(5):
-                    start = time.perf_counter()
-                    for m in modules:
-                        m(xs[m.in_features])
-                    best = min(best, time.perf_counter() - start)
-            print(f"{name:12s} rows={rows}: {best * 1e3:7.2f} ms for {total / 1e6:.0f} MB, {total / best / 1e9:5.1f} GB/s")
+        for level in args.isa:
+            if level is not None:
+                if level not in kernels.native_isa_levels():
+                    raise SystemExit(f"this CPU cannot run the native kernels at {level}")
+                for m in modules:
+                    m.isa = kernels.ISA_LEVELS.index(level)
+            label = name if level is None else f"{name}@{level}"
+            for rows in args.rows:
+                xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (2048, 5632)}
+                best = float("inf")
+                with torch.inference_mode():
+                    for _ in range(5):
+                        start = time.perf_counter()
+                        for m in modules:
+                            m(xs[m.in_features])
+                        best = min(best, time.perf_counter() - start)
+                print(f"{label:19s} rows={rows}: {best * 1e3:7.2f} ms for {total / 1e6:.0f} MB, "
+                      f"{total / best / 1e9:5.1f} GB/s")
 
 
 if __name__ == "__main__":

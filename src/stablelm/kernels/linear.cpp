@@ -375,19 +375,20 @@ AVX2 float sum_avx2(const float* v, int64_t len) {
 
 // The activations of one call, rounded once and shared by every thread.
 //   int8 (for int8 weights, and int4 at the scalar level): q (M, K) in input order, d (M, K / 32).
-//   int4 at AVX2 works on pairs of blocks (64 inputs, 32 weight bytes): one 32-byte load gives, after a mask
-//   and a shift, the low nibbles (inputs 0-15 of both blocks) and the high ones (inputs 16-31 of both), so
-//   the activations are laid out in that order and no weight is ever shuffled:
-//     q pair p: [block 2p 0-15 | block 2p+1 0-15 | block 2p 16-31 | block 2p+1 16-31]
-//     d pair p: [d_2p x 4 | d_2p+1 x 4], the steps of the 8 int32 sums vpmaddwd leaves (lane 0 | lane 1).
+//   int4 at AVX2 works on spans of 2 blocks (64 inputs, 32 weight bytes), at AVX-512 on spans of 4 (128
+//   inputs, 64 bytes; a last span of 2 when K % 128 == 64): one load of the span's weight bytes gives, after
+//   a mask and a shift, the low nibbles (inputs 0-15 of each block) and the high ones (inputs 16-31), so the
+//   activations are laid out in that order and no weight is ever shuffled:
+//     q, a span of S blocks: [block 0 0-15 | ... | block S-1 0-15 | block 0 16-31 | ... | block S-1 16-31]
+//     d: each block's step 4 times, the steps of the int32 sums vpmaddwd leaves (4 per block).
 //   sum (M, K / group): exact fp32 sums of the activations per weight group, for int4's zero points.
 struct Rounded8 {
   at::Tensor q, d, sum;
 };
 
-Rounded8 round_int8(const float* xp, int64_t m, int64_t k, bool paired, int64_t group, bool avx2) {
+Rounded8 round_int8(const float* xp, int64_t m, int64_t k, int64_t span, int64_t group, bool avx2) {
   const int64_t blocks = k / kBlock, groups = group ? k / group : 0;
-  Rounded8 out{at::empty({m, k}, at::kChar), at::empty({m, paired ? blocks * 4 : blocks}, at::kFloat),
+  Rounded8 out{at::empty({m, k}, at::kChar), at::empty({m, span ? blocks * 4 : blocks}, at::kFloat),
                at::empty({m, groups}, at::kFloat)};
   int8_t* qp = out.q.data_ptr<int8_t>();
   float *dp = out.d.data_ptr<float>(), *sp = out.sum.data_ptr<float>();
@@ -395,10 +396,14 @@ Rounded8 round_int8(const float* xp, int64_t m, int64_t k, bool paired, int64_t 
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < blocks; ++b) {
         const float* v = xp + r * k + b * kBlock;
-        int8_t* dst = qp + r * k + (paired ? (b / 2) * 64 + (b % 2) * 16 : b * kBlock);
-        int8_t* hi = dst + (paired ? 32 : 16);
+        int8_t *dst = qp + r * k + b * kBlock, *hi = dst + 16;
+        if (span) {
+          const int64_t first = b / span * span, width = std::min(span, blocks - first);
+          dst = qp + r * k + first * kBlock + (b - first) * 16;
+          hi = dst + 16 * width;
+        }
         const float d = avx2 ? quantize_block_avx2(v, dst, hi) : quantize_block_scalar(v, dst, hi);
-        if (paired) for (int j = 0; j < 4; ++j) dp[r * blocks * 4 + (b / 2) * 8 + (b % 2) * 4 + j] = d;
+        if (span) for (int j = 0; j < 4; ++j) dp[r * blocks * 4 + b * 4 + j] = d;
         else dp[r * blocks + b] = d;
       }
       for (int64_t g = 0; g < groups; ++g) {
@@ -772,6 +777,182 @@ AVX2 void ll_decode_avx2(const Lossless& w, int64_t row, int64_t i0, int64_t len
     if (w.columns[e] >= i0 && w.columns[e] < i0 + len) out[w.columns[e] - i0] = bf16_bits_to_float(w.exceptions[e]);
 }
 
+// ---- AVX-512 (F, BW, VL) integer and lossless decode products ---------------------------------------
+// The same products at 512 bits: the integer sums are the AVX2 level's, the fp32 sums run in another order.
+// Half the instructions per weight is what the kernels bound by arithmetic as much as by memory (int4,
+// lossless bf16) need; Intel cores issue the byte shuffles and widenings on one port.
+
+AVX512 inline __m512 param16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 inline __m512 param16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Lanes 0-7 from lo, 8-15 from hi.
+AVX512 inline __m512 join8(__m256 lo, __m256 hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+
+// One span of 4 blocks of one int4 weight row (wp: 64 bytes) against MR activation rows; s: each lane's group
+// scale. As at AVX2, the low and high halves add in int16 before vpmaddwd widens them.
+template <int MR>
+AVX512 __attribute__((always_inline)) inline void int4_quad_avx512(const uint8_t* wp, __m512 s, const int8_t* a,
+                                                                  int64_t k, const float* dv, int64_t dstride,
+                                                                  __m512 (&acc)[MR]) {
+  const __m512i mask = _mm512_set1_epi8(0xF), ones = _mm512_set1_epi16(1);
+  const __m512i v = _mm512_loadu_si512(wp);
+  const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+  for (int r = 0; r < MR; ++r) {
+    const __m512i a_lo = _mm512_loadu_si512(a + r * k), a_hi = _mm512_loadu_si512(a + r * k + 64);
+    const __m512i sum16 = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo), _mm512_maddubs_epi16(hi, a_hi));
+    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_loadu_ps(dv + r * dstride)),
+                             _mm512_cvtepi32_ps(_mm512_madd_epi16(sum16, ones)), acc[r]);
+  }
+}
+
+// One int4 weight row against MR activation rows (spans of 4 blocks, see round_int8), groups of G = 64 or 128
+// inputs: 16 groups' scales are read as one vector and each span's lanes picked from it in registers.
+template <int MR, int G, typename P>
+AVX512 void int4_q8_row_avx512(const int8_t* xq, const float* dv, const float* xsum, const uint8_t* wrow,
+                               const P* srow, const P* zrow, float* y, int64_t n, int64_t k) {
+  constexpr int64_t kSpans = G == 64 ? 8 : 16;  // spans in 16 groups
+  const int64_t spans = k / 128, groups = k / G, dstride = k / kBlock * 4;
+  const __m512 eight = _mm512_set1_ps(8.f);
+  const __m512i upper = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc0[MR], acc1[MR], off[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = off[r] = _mm512_setzero_ps();
+  int64_t q = 0;
+  for (; q + kSpans <= spans; q += kSpans) {
+    const int64_t g = q * 128 / G;
+    const __m512 s16 = param16(srow + g), z16 = _mm512_fnmadd_ps(eight, s16, param16(zrow + g));
+    for (int r = 0; r < MR; ++r) off[r] = _mm512_fmadd_ps(z16, _mm512_loadu_ps(xsum + r * groups + g), off[r]);
+#pragma GCC unroll 16
+    for (int j = 0; j < kSpans; ++j) {
+      prefetch_ahead(wrow + (q + j) * 64);
+      const __m512i lanes = G == 64 ? _mm512_add_epi32(_mm512_set1_epi32(2 * j), upper) : _mm512_set1_epi32(j);
+      int4_quad_avx512<MR>(wrow + (q + j) * 64, _mm512_permutexvar_ps(lanes, s16), xq + (q + j) * 128, k,
+                           dv + (q + j) * 16, dstride, j % 2 ? acc1 : acc0);
+    }
+  }
+  float tail[MR] = {};
+  for (int64_t g = q * 128 / G; g < groups; ++g) {  // zero points of the groups left
+    const float z = param(zrow, g) - 8.f * param(srow, g);
+    for (int r = 0; r < MR; ++r) tail[r] += z * xsum[r * groups + g];
+  }
+  for (; q < spans; ++q) {
+    const __m512 s = G == 64 ? join8(_mm256_set1_ps(param(srow, 2 * q)), _mm256_set1_ps(param(srow, 2 * q + 1)))
+                             : _mm512_set1_ps(param(srow, q));
+    int4_quad_avx512<MR>(wrow + q * 64, s, xq + q * 128, k, dv + q * 16, dstride, acc0);
+  }
+  __m256 last[MR];  // K % 128 == 64 (G == 64): the last 2 blocks, laid out as an AVX2 pair
+  for (int r = 0; r < MR; ++r) last[r] = _mm256_setzero_ps();
+  if (k % 128) int4_pair_avx2<MR>(wrow + spans * 64, _mm256_set1_ps(param(srow, 2 * spans)), xq + spans * 128, k,
+                                  dv + spans * 16, dstride, last);
+  for (int r = 0; r < MR; ++r)
+    y[r * n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), off[r])) + hsum8(last[r]) + tail[r];
+}
+
+// One int8 weight row against MR int16 activation rows, as int8_q16_row_avx2; a block's last 16 or 32 inputs
+// are read with masks.
+template <int MR>
+AVX512 void int8_q16_row_avx512(const int16_t* xq, const float* d, const int8_t* wrow, float scale, float* y,
+                                int64_t n, int64_t k) {
+  const int64_t blocks = (k + kBlock16 - 1) / kBlock16;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = std::min(k, (b + 1) * kBlock16);
+    __m512i sum0[MR], sum1[MR];
+    for (int r = 0; r < MR; ++r) sum0[r] = sum1[r] = _mm512_setzero_si512();
+    int64_t i = b * kBlock16;
+    for (int line = 0; line < kBlock16 / 64; ++line) prefetch_ahead(wrow + i + line * 64);
+    for (; i + 64 <= end; i += 64) {
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + i)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + i + 32)));
+      for (int r = 0; r < MR; ++r) {
+        const int16_t* a = xq + r * k + i;
+        sum0[r] = _mm512_add_epi32(sum0[r], _mm512_madd_epi16(w0, _mm512_loadu_si512(a)));
+        sum1[r] = _mm512_add_epi32(sum1[r], _mm512_madd_epi16(w1, _mm512_loadu_si512(a + 32)));
+      }
+    }
+    for (; i < end; i += 32) {  // 16, 32 or 48 left
+      const __mmask32 mask = end - i >= 32 ? 0xFFFFFFFFu : 0xFFFFu;
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wrow + i));
+      for (int r = 0; r < MR; ++r)
+        sum0[r] = _mm512_add_epi32(sum0[r], _mm512_madd_epi16(w0, _mm512_maskz_loadu_epi16(mask, xq + r * k + i)));
+    }
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d[r * blocks + b]),
+                               _mm512_cvtepi32_ps(_mm512_add_epi32(sum0[r], sum1[r])), acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) y[r * n] = scale * _mm512_reduce_add_ps(acc[r]);
+}
+
+// Lossless bf16 at 512 bits: a chunk's 64 codes and 64 low bytes decode in one pass. The in-lane interleaves
+// then give vector u of the chunk inputs 8u .. 8u + 7 and 32 + 8u .. 32 + 8u + 7 (128-bit lanes hold storage
+// positions 0-15, 16-31, 32-47, 48-63), so the caller lays each activation row out in that order once
+// (ll_swizzle) and the products read it straight.
+inline void ll_swizzle(const float* x, int64_t k64, float* out) {
+  for (int64_t c = 0; c < k64; c += 64)
+    for (int u = 0; u < 4; ++u)
+      for (int j = 0; j < 8; ++j) {
+        out[c + 16 * u + j] = x[c + 8 * u + j];
+        out[c + 16 * u + 8 + j] = x[c + 32 + 8 * u + j];
+      }
+}
+
+// One weight row against MR activation rows: xs swizzled (the first K64 inputs of each row), x as given (the
+// tail and the exceptions).
+template <int MR>
+AVX512 void ll_row_avx512(const float* xs, const float* x, int64_t k, const Lossless& w, int64_t row, float* y,
+                          int64_t n) {
+  constexpr int NA = MR <= 2 ? 4 : 2;
+  __m512 acc[MR][NA];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NA; ++u) acc[r][u] = _mm512_setzero_ps();
+  const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table + row * 16)));
+  const __m512i mask = _mm512_set1_epi8(0xF), zero = _mm512_setzero_si512();
+  const uint8_t* chunk = w.values + row * w.row_bytes();
+  for (int64_t i = 0; i < w.k64; i += 64, chunk += 96) {
+    prefetch_ahead(chunk);
+    prefetch_ahead(chunk + 64);
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
+    const __m512i nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(codes), _mm256_srli_epi16(codes, 4), 1);
+    const __m512i high = _mm512_shuffle_epi8(table, _mm512_and_si512(nibbles, mask));
+    const __m512i low = _mm512_loadu_si512(chunk + 32);
+    const __m512i a = _mm512_unpacklo_epi8(low, high), b = _mm512_unpackhi_epi8(low, high);
+    const __m512 f[4] = {_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, a)), _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, a)),
+                         _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, b)), _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, b))};
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < 4; ++u)
+        acc[r][u % NA] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + r * k + i + 16 * u), f[u], acc[r][u % NA]);
+  }
+  float sums[MR];
+  for (int r = 0; r < MR; ++r) {
+    __m512 total = _mm512_add_ps(acc[r][0], acc[r][1]);
+    if constexpr (NA == 4) total = _mm512_add_ps(total, _mm512_add_ps(acc[r][2], acc[r][3]));
+    sums[r] = _mm512_reduce_add_ps(total);
+    for (int64_t i = w.k64; i < k; ++i)
+      sums[r] += x[r * k + i] * bf16_bits_to_float(w.tail[row * w.tail_width() + i - w.k64]);
+  }
+  ll_add_exceptions<MR>(w, row, x, k, sums);
+  for (int r = 0; r < MR; ++r) y[r * n + row] = sums[r];
+}
+
+template <int MR>
+inline void int4_row512(bool bf16, int64_t group, const int8_t* xq, const float* dv, const float* xsum,
+                        const uint8_t* wrow, const void* scale, const void* zero, float* y, int64_t n, int64_t k) {
+  if (bf16) {
+    const auto *s = static_cast<const c10::BFloat16*>(scale), *z = static_cast<const c10::BFloat16*>(zero);
+    if (group == 64) int4_q8_row_avx512<MR, 64>(xq, dv, xsum, wrow, s, z, y, n, k);
+    else int4_q8_row_avx512<MR, 128>(xq, dv, xsum, wrow, s, z, y, n, k);
+  } else {
+    const auto *s = static_cast<const float*>(scale), *z = static_cast<const float*>(zero);
+    if (group == 64) int4_q8_row_avx512<MR, 64>(xq, dv, xsum, wrow, s, z, y, n, k);
+    else int4_q8_row_avx512<MR, 128>(xq, dv, xsum, wrow, s, z, y, n, k);
+  }
+}
+
 // ---- prompt products (AVX2 GEMM) -----------------------------------------------------------------
 // Past a few dozen rows a product is bound by arithmetic, not by the weight's bytes, so prompts take a
 // blocked GEMM: the weight is widened to fp32 one panel at a time (kKc inputs x 16 outputs, 16 KB, in L1),
@@ -1130,7 +1311,8 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& weight, const at::T
               n * groups, " values");
   isa = resolve_isa(isa);
   const bool fast4 = isa >= kAvx2 && int4 && (group == 64 || group == 128);
-  const Rounded8 a = round_int8(widened(x_in), m, k, fast4, int4 ? group : 0, isa >= kAvx2);
+  const int64_t span = !fast4 ? 0 : isa == kAvx512 ? 4 : 2;
+  const Rounded8 a = round_int8(widened(x_in), m, k, span, int4 ? group : 0, isa >= kAvx2);
   const int8_t* qp = a.q.data_ptr<int8_t>();
   const float *dp = a.d.data_ptr<float>(), *xs = a.sum.data_ptr<float>();
   auto y = at::empty({m, n}, x_in.options().dtype(at::kFloat));
@@ -1140,14 +1322,19 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& weight, const at::T
     const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
     const bool bf16 = pdtype == at::kBFloat16;
     const char *sp = static_cast<const char*>(scale.data_ptr()), *zp = static_cast<const char*>(zero->data_ptr());
-    const int64_t pairs = k / 64, step = groups * scale.element_size();  // bytes of parameters a row
+    const int64_t step = groups * scale.element_size();  // bytes of parameters a row
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const uint8_t* wrow = w + row * k / 2;
         const char *s = sp + row * step, *z = zp + row * step;
-        over_rows(m, [&](int64_t r) { int4_row<1>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); },
-                     [&](int64_t r) { int4_row<2>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); },
-                     [&](int64_t r) { int4_row<4>(bf16, group, qp + r * k, dp + r * pairs * 8, xs + r * groups, wrow, s, z, yp + r * n + row, n, k); });
+#define STABLELM_ROW(MR) [&](int64_t r) {                                                                    \
+          const int8_t* q = qp + r * k;                                                                        \
+          const float *d = dp + r * blocks * 4, *sum = xs + r * groups;                                        \
+          if (isa == kAvx512) int4_row512<MR>(bf16, group, q, d, sum, wrow, s, z, yp + r * n + row, n, k);     \
+          else int4_row<MR>(bf16, group, q, d, sum, wrow, s, z, yp + r * n + row, n, k);                       \
+        }
+        over_rows(m, STABLELM_ROW(1), STABLELM_ROW(2), STABLELM_ROW(4));
+#undef STABLELM_ROW
       }
     });
     return finish(y, bias, x_in.scalar_type());
@@ -1224,9 +1411,12 @@ at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::
     for (int64_t row = begin; row < end; ++row) {
       const int8_t* wrow = w + row * k;
       if (simd) {
-        over_rows(m, [&](int64_t r) { int8_q16_row_avx2<1>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); },
-                     [&](int64_t r) { int8_q16_row_avx2<2>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); },
-                     [&](int64_t r) { int8_q16_row_avx2<4>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); });
+#define STABLELM_ROW(MR) [&](int64_t r) {                                                                    \
+          if (isa == kAvx512) int8_q16_row_avx512<MR>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k); \
+          else int8_q16_row_avx2<MR>(qp + r * k, dp + r * blocks, wrow, sp[row], yp + r * n + row, n, k);      \
+        }
+        over_rows(m, STABLELM_ROW(1), STABLELM_ROW(2), STABLELM_ROW(4));
+#undef STABLELM_ROW
         continue;
       }
       for (int64_t r = 0; r < m; ++r) {
@@ -1476,15 +1666,27 @@ at::Tensor gemv_lossless(const at::Tensor& x_in, const at::Tensor& values, const
   isa = resolve_isa(isa);
   auto y = at::empty({m, n}, x_in.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
+  at::Tensor swizzled;  // AVX-512: the activations in the decoded order
+  const float* sw = nullptr;
+  if (isa == kAvx512) {
+    swizzled = at::empty({m, k}, at::kFloat);
+    sw = swizzled.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r) ll_swizzle(xp + r * k, w.k64, swizzled.data_ptr<float>() + r * k);
+  }
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     if (isa < kAvx2) return ll_rows_scalar(xp, m, w, yp, begin, end, n);
     // Blocks of 16 weight rows against each chunk of (up to 4) activation rows in turn, as rows_simd does:
     // the chunk stays in L1 across the block (per weight row, chunk after chunk: 8 rows took 3x 4 rows' time).
     for (int64_t b = begin; b < end; b += 16) {
       const int64_t e = std::min(b + 16, end);
-      over_rows(m, [&](int64_t r) { for (int64_t row = b; row < e; ++row) ll_row_avx2<1>(xp + r * k, k, w, row, yp + r * n, n); },
-                   [&](int64_t r) { for (int64_t row = b; row < e; ++row) ll_row_avx2<2>(xp + r * k, k, w, row, yp + r * n, n); },
-                   [&](int64_t r) { for (int64_t row = b; row < e; ++row) ll_row_avx2<4>(xp + r * k, k, w, row, yp + r * n, n); });
+#define STABLELM_ROW(MR) [&](int64_t r) {                                                                    \
+        for (int64_t row = b; row < e; ++row) {                                                              \
+          if (isa == kAvx512) ll_row_avx512<MR>(sw + r * k, xp + r * k, k, w, row, yp + r * n, n); \
+          else ll_row_avx2<MR>(xp + r * k, k, w, row, yp + r * n, n);                                        \
+        }                                                                                                    \
+      }
+      over_rows(m, STABLELM_ROW(1), STABLELM_ROW(2), STABLELM_ROW(4));
+#undef STABLELM_ROW
     }
   });
   return finish(y, bias, x_in.scalar_type());
