@@ -586,6 +586,29 @@ def test_prompt_path_matches_decode_path(name, dtype):
     assert torch.equal(module(x).float(), many)
 
 
+@pytest.mark.parametrize("name", ["int8-native", "int4-native"])
+def test_quantized_native_prompts_use_a_native_16bit_matmul(name, monkeypatch):
+    """Where the CPU multiplies bf16 natively (AMX, AVX512-BF16: faked here), a bf16 model's quantized prompts
+    dequantize into the shared buffer and multiply in torch; an fp32 model's still take our GEMM."""
+    skip_unless_runs(name, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 128, generator=g)
+    for dtype, in_torch in ((torch.bfloat16, True), (torch.float32, False)):
+        module = linear.FORMATS[name].from_weight(weight.to(dtype))
+        module.workspace = linear.Workspace(weight.numel())
+        x = torch.randn(module.native_rows + 1, 128, generator=g).to(dtype)
+        ours = module(x)
+        monkeypatch.setattr(kernels, "fast_16bit_matmul", lambda d: True)
+        calls = []
+        matmul = module.matmul
+        monkeypatch.setattr(module, "matmul", lambda rows: calls.append(rows.shape[0]) or matmul(rows))
+        theirs = module(x)
+        assert calls == ([x.shape[0]] if in_torch else []), dtype
+        assert (theirs.float() - ours.float()).abs().max() <= 2e-2 * ours.float().abs().max(), dtype
+        assert not calls or torch.equal(theirs, matmul(x))
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("isa", native_levels())
 @pytest.mark.parametrize("name", ["native", "native-lossless", "int8-native", "int4-native"])
 def test_native_formats_decode_at_every_isa_level(name, isa):

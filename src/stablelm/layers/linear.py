@@ -197,6 +197,13 @@ def _cpu_only(device: torch.device) -> str | None:
     return None if device.type == "cpu" else f"runs on the CPU only, not {device.type}"
 
 
+def _native_16bit_prompts(dtype: torch.dtype) -> bool:
+    """Whether prompts of a quantized native format multiply the dequantized weight in torch: where the CPU
+    multiplies `dtype` natively (AMX, AVX512-BF16: oneDNN's bf16 GEMM runs ~400 GFLOP/s on the 2-core AMX
+    Xeon of the README, our fp32 GEMM at most 2 cores' AVX2 FMAs, ~200)."""
+    return dtype != torch.float32 and kernels.fast_16bit_matmul(dtype)
+
+
 def _native_unavailable(device: torch.device) -> str | None:
     if device.type != "cpu":
         return _cpu_only(device)
@@ -426,7 +433,7 @@ class Int8Native(Int8Base):
 
     def native(self, x):
         if x.shape[0] > self.native_rows:
-            if self.isa < AVX2:
+            if self.isa < AVX2 or _native_16bit_prompts(self.compute_dtype):
                 return None
             return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, self.scale32, None, 0, self.isa,
                                                    self.bias)
@@ -434,7 +441,7 @@ class Int8Native(Int8Base):
             return torch.ops.stablelm_kernels.gemv_q16(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
         return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, self.scale32, self.isa, self.bias)
 
-    def matmul(self, x):  # prompts past native_rows below AVX2
+    def matmul(self, x):  # prompts past native_rows below AVX2, or in the CPU's native 16-bit matmul
         return self.prompt_matmul(x)
 
 
@@ -606,7 +613,7 @@ class Int4Native(Int4Base):
 
     def native(self, x):
         if x.shape[0] > self.native_rows:
-            if self.isa < AVX2:
+            if self.isa < AVX2 or _native_16bit_prompts(self.compute_dtype):
                 return None
             return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, self.scale32, self.offset,
                                                    self.group_size, self.isa, self.bias)
@@ -617,7 +624,7 @@ class Int4Native(Int4Base):
                                                  self.group_size, self.isa)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
-    def matmul(self, x):  # prompts past native_rows below AVX2
+    def matmul(self, x):  # prompts past native_rows below AVX2, or in the CPU's native 16-bit matmul
         return self._dense_matmul(x, self.dequantize_into)
 
 
