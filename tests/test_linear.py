@@ -350,7 +350,7 @@ def simd_levels():
 def test_native_gemm_equals_torch(isa, wdtype):
     """The prompt GEMM against float64: rows not a multiple of its 6-row strips, outputs not a multiple of its
     16-column panels, K not a multiple of 8 and past one 256-input block, int4 groups of 32 to 128; 16-bit x
-    and a bias give exactly `(gemm(x.float()) + bias).to(dtype)`."""
+    and a bias give exactly `(gemm(x.float()) + bias).to(dtype)`; every level gives the AVX2 level's bits."""
     g = torch.Generator().manual_seed(0)
     for m, n, k in [(1, 1, 64), (5, 17, 96), (7, 33, 264), (13, 50, 600), (40, 130, 512), (6, 16, 2048)]:
         x = torch.randn(m, k, generator=g)
@@ -377,6 +377,8 @@ def test_native_gemm_equals_torch(isa, wdtype):
         got = kernels.gemm(x, weight, *args, isa=isa)
         assert got.dtype == torch.float32
         assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() * max(1, k / 256), (m, n, k)
+        # AVX-512's 6 x 32 tiles sum each output in the AVX2 tiles' order
+        assert torch.equal(got, kernels.gemm(x, weight, *args, isa=kernels.ISA_LEVELS.index("avx2"))), (m, n, k)
         for dtype in (torch.bfloat16, torch.float16):
             bias = torch.randn(n, generator=g).to(dtype)
             xs = x.to(dtype)

@@ -961,9 +961,10 @@ inline void int4_row512(bool bf16, int64_t group, const int8_t* xq, const float*
 // so prompts need no fp32 copy of it. Each output is summed in one fixed order whatever the rows beside
 // it, and is computed by one thread. 140-180 GFLOPS on 2 Zen 3 cores (peak ~198), against 100-120 for
 // converting the weight and calling MKL's sgemm. Blocks of 128 outputs are handed to threads as they come
-// free (+2 % at 512 rows, +9 % at 128 against a fixed split, on the shared 2-core VM). AVX-512 CPUs run
-// this AVX2 code (there, bf16 prompts go to oneDNN when the CPU has native bf16, and quantized ones to
-// torch's kernels).
+// free (+2 % at 512 rows, +9 % at 128 against a fixed split, on the shared 2-core VM). At AVX-512 the tile
+// is 6 x 32 (two panels side by side, twice the products per instruction); each output is still one FMA
+// chain in input order, so both levels give the same bits. Packing stays AVX2 code. (Where the CPU has
+// native bf16, oneDNN takes 16-bit prompts instead: see the formats.)
 constexpr int kMr = 6, kNr = 16;
 constexpr int64_t kKc = 256, kMc = 8 * kMr, kNc = 8 * kNr;
 
@@ -1095,11 +1096,56 @@ AVX2 void gemm_tile(const float* a, const float* b, int64_t kc, float* c, int64_
     }
 }
 
+// The same at AVX-512 for two panels side by side (b: panel j, b + kKc * kNr: panel j + 1): a 6 x 32 tile.
+AVX512 void gemm_tile_avx512(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int rows, int cols,
+                             bool first, const float* scale) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float* b1 = b + kKc * kNr;
+  for (int64_t p = 0; p < kc; ++p, a += kMr) {
+    const __m512 w0 = _mm512_load_ps(b + p * kNr), w1 = _mm512_load_ps(b1 + p * kNr);
+    __m512 ar = _mm512_set1_ps(a[0]);
+    c00 = _mm512_fmadd_ps(ar, w0, c00), c01 = _mm512_fmadd_ps(ar, w1, c01);
+    ar = _mm512_set1_ps(a[1]);
+    c10 = _mm512_fmadd_ps(ar, w0, c10), c11 = _mm512_fmadd_ps(ar, w1, c11);
+    ar = _mm512_set1_ps(a[2]);
+    c20 = _mm512_fmadd_ps(ar, w0, c20), c21 = _mm512_fmadd_ps(ar, w1, c21);
+    ar = _mm512_set1_ps(a[3]);
+    c30 = _mm512_fmadd_ps(ar, w0, c30), c31 = _mm512_fmadd_ps(ar, w1, c31);
+    ar = _mm512_set1_ps(a[4]);
+    c40 = _mm512_fmadd_ps(ar, w0, c40), c41 = _mm512_fmadd_ps(ar, w1, c41);
+    ar = _mm512_set1_ps(a[5]);
+    c50 = _mm512_fmadd_ps(ar, w0, c50), c51 = _mm512_fmadd_ps(ar, w1, c51);
+  }
+  const __m512 acc[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (rows == kMr && cols == 2 * kNr) {
+    for (int r = 0; r < kMr; ++r)
+      for (int h = 0; h < 2; ++h) {
+        float* out = c + r * ldc + kNr * h;
+        __m512 v = first ? acc[r][h] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][h]);
+        if (scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + kNr * h));
+        _mm512_storeu_ps(out, v);
+      }
+    return;
+  }
+  alignas(64) float t[kMr][2 * kNr];
+  for (int r = 0; r < kMr; ++r) {
+    _mm512_store_ps(t[r], acc[r][0]);
+    _mm512_store_ps(t[r] + kNr, acc[r][1]);
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < cols; ++j) {
+      float v = first ? t[r][j] : c[r * ldc + j] + t[r][j];
+      c[r * ldc + j] = scale ? v * scale[j] : v;
+    }
+}
+
 // x (M, K) of type X (float, c10::BFloat16, c10::Half) -> out (M, N) of type O = x . W^T (+ bias). A thread
 // sums one block of kNc outputs for every row in fp32 in its own buffer, then adds the bias and rounds the
 // block into `out` once: no (M, N) fp32 array is written and read back.
 template <PanelKind kind, typename X, typename O, typename B>
-void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_scale, const B* bias, float* a, O* out) {
+void gemm_blocked(const X* x, int64_t m, const PanelWeight& w, const float* out_scale, const B* bias, float* a, O* out,
+                  bool avx512) {
   const int64_t n = w.n, k = w.k, strips = (m + kMr - 1) / kMr;
   // a: the activations widened to fp32 in strips of 6 rows, input-major: x[6s + r][p] at (s * k + p) * 6 + r.
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
@@ -1132,11 +1178,19 @@ void gemm_avx2(const X* x, int64_t m, const PanelWeight& w, const float* out_sca
         }
         for (int64_t ic = 0; ic < strips; ic += kMc / kMr) {
           const int64_t in = std::min(strips, ic + kMc / kMr);
-          for (int64_t j = jc; j < jn; ++j)
-            for (int64_t s = ic; s < in; ++s)
-              gemm_tile(a + (s * k + pc) * kMr, panel + (j - jc) * kKc * kNr, kc, c + s * kMr * kNc + (j - jc) * kNr,
-                        kNc, int(std::min<int64_t>(kMr, m - s * kMr)), int(std::min<int64_t>(kNr, n - j * kNr)), first,
-                        last && out_scale ? out_scale + j * kNr : nullptr);
+          for (int64_t j = jc, step; j < jn; j += step) {
+            step = avx512 && j + 1 < jn ? 2 : 1;
+            const int cols = int(std::min<int64_t>(step * kNr, n - j * kNr));
+            for (int64_t s = ic; s < in; ++s) {
+              const float* as = a + (s * k + pc) * kMr;
+              const float* b = panel + (j - jc) * kKc * kNr;
+              float* cs = c + s * kMr * kNc + (j - jc) * kNr;
+              const int rows = int(std::min<int64_t>(kMr, m - s * kMr));
+              const float* scale = last && out_scale ? out_scale + j * kNr : nullptr;
+              if (step == 2) gemm_tile_avx512(as, b, kc, cs, kNc, rows, cols, first, scale);
+              else gemm_tile(as, b, kc, cs, kNc, rows, cols, first, scale);
+            }
+          }
         }
       }
       const int64_t n0 = jc * kNr;
@@ -1435,7 +1489,8 @@ at::Tensor gemv_q16(const at::Tensor& x_in, const at::Tensor& weight, const at::
 
 // x (M, K) times the checked weight `w` read as `kind`, plus the bias, in x's dtype (gemm and gemm_lossless).
 at::Tensor gemm_rows(const at::Tensor& x_in, const PanelWeight& w, PanelKind kind, const float* out_scale,
-                     const c10::optional<at::Tensor>& bias) {
+                     const c10::optional<at::Tensor>& bias, int64_t isa) {
+  const bool avx512 = resolve_isa(isa) == kAvx512;
   const int64_t m = x_in.size(0), n = w.n, k = w.k;
   // The packed activations live in this thread's buffer from call to call, as each worker's block of
   // products does: fresh pages cost more than the packing (first-touch faults run at ~1.3 GB/s on the VM of
@@ -1456,11 +1511,11 @@ at::Tensor gemm_rows(const at::Tensor& x_in, const PanelWeight& w, PanelKind kin
     const X* xp = x_in.data_ptr<X>();
     X* op = out.data_ptr<X>();
     switch (kind) {
-      case kPanelBF16: gemm_avx2<kPanelBF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
-      case kPanelF16: gemm_avx2<kPanelF16>(xp, m, w, nullptr, bp, packed.data(), op); break;
-      case kPanelI8: gemm_avx2<kPanelI8>(xp, m, w, out_scale, bp, packed.data(), op); break;
-      case kPanelI4: gemm_avx2<kPanelI4>(xp, m, w, nullptr, bp, packed.data(), op); break;
-      default: gemm_avx2<kPanelLossless>(xp, m, w, nullptr, bp, packed.data(), op);
+      case kPanelBF16: gemm_blocked<kPanelBF16>(xp, m, w, nullptr, bp, packed.data(), op, avx512); break;
+      case kPanelF16: gemm_blocked<kPanelF16>(xp, m, w, nullptr, bp, packed.data(), op, avx512); break;
+      case kPanelI8: gemm_blocked<kPanelI8>(xp, m, w, out_scale, bp, packed.data(), op, avx512); break;
+      case kPanelI4: gemm_blocked<kPanelI4>(xp, m, w, nullptr, bp, packed.data(), op, avx512); break;
+      default: gemm_blocked<kPanelLossless>(xp, m, w, nullptr, bp, packed.data(), op, avx512);
     }
   });
   return out;
@@ -1499,7 +1554,7 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& weight, const c10::opt
                          : weight.scalar_type() == at::kHalf   ? kPanelF16
                          : weight.scalar_type() == at::kChar   ? kPanelI8
                                                                : kPanelI4;
-  return gemm_rows(x_in, w, kind, out_scale, bias);
+  return gemm_rows(x_in, w, kind, out_scale, bias, isa);
 }
 
 // The lossless bf16 weight of gemv_lossless, checked: the tensors lossless_pack returns.
@@ -1699,7 +1754,7 @@ at::Tensor gemm_lossless(const at::Tensor& x_in, const at::Tensor& values, const
   const Lossless w = lossless_of(values, table, tail, starts, columns, exceptions);
   check_x(x_in, w.k);
   TORCH_CHECK(resolve_isa(isa) >= kAvx2, "stablelm kernels: gemm needs AVX2 (the caller multiplies in torch below it)");
-  return gemm_rows(x_in, PanelWeight{nullptr, w.n, w.k, nullptr, nullptr, 0, &w}, kPanelLossless, nullptr, bias);
+  return gemm_rows(x_in, PanelWeight{nullptr, w.n, w.k, nullptr, nullptr, 0, &w}, kPanelLossless, nullptr, bias, isa);
 }
 
 int64_t isa_level() { return best_isa(); }
