@@ -632,16 +632,19 @@ class Int4Native(Int4Base):
 def preference(dtype: torch.dtype, device: torch.device, quantization: str | None) -> tuple[str, ...]:
     """Formats to try, fastest first, for this CPU kind (figures in README.md, per CPU kind).
 
-    With AVX-512 the torch paths were measured fastest for quantized weights and stay the default there;
-    with AVX2 only, torch's int8/int4 kernels are 10x slower than ours (int8: 33 ms vs 2.8 ms for a 2048 x
-    11264 matrix-vector product)."""
+    Quantized weights take our kernels on every x86 CPU, torch's where they cannot run. With AVX2 only,
+    torch's int8/int4 kernels are 10x slower than ours (int8: 33 ms vs 2.8 ms for a 2048 x 11264
+    matrix-vector product). On the AMX Xeon, even the first int8-native kernel (fp32 widening, since
+    replaced by integer sums 1.6x faster) beat torch's at 1 and 8 rows (docs/measurements/
+    kernels_xeon_amx_2threads.json: 0.63 vs 0.79 ms, 2.41 vs 2.80); its int4 kernel then lost (1.08 vs 0.78
+    ms) and has since become 2.6x faster. torch's int8 decoded at 0.63x llama.cpp's Q8_0 there. Prompts of
+    bf16 models go to oneDNN where the CPU has native bf16, as torch's formats' do."""
     if device.type != "cpu":
         return ("dense",) if quantization is None else tuple(n for n, f in FORMATS.items() if f.quantization == quantization)
-    avx512 = kernels.cpu_capability().startswith("AVX512")
     if quantization == "int8":
-        return ("int8-torch", "int8-native") if avx512 else ("int8-native", "int8-torch")
+        return ("int8-native", "int8-torch")
     if quantization == "int4":
-        return ("int4-torch", "int4-native") if avx512 else ("int4-native", "int4-torch")
+        return ("int4-native", "int4-torch")
     return ("mkldnn", "native-lossless", "native", "dense")
 
 
