@@ -7,8 +7,9 @@ Debian's `libsimde-dev`), the AVX-512 functions are compiled for AVX2, and the C
 it runs the given tests (default: the kernel tests of tests/test_linear.py) against that build, where every
 test that loops over `native_isa_levels()` also runs "avx512".
 
-It checks what the intrinsics compute, not speed, and not what SIMDe does not emulate (alignment faults, a
-wrong `target` list): a CPU with AVX-512 is still the real test.
+It checks what the intrinsics compute (and that aligned 512-bit loads and stores get 64-byte aligned addresses),
+not speed, and not what SIMDe does not emulate (a wrong `target` list: the real build catches that): a CPU with
+AVX-512 is still the real test.
 
     apt-get install libsimde-dev      # header-only
     python tools/emulate_avx512.py                         # tests/test_linear.py -k native
@@ -71,6 +72,17 @@ inline simde__m512i maskz_loadu_epi16(uint32_t mask, const void* p) {
   return join(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)),
               _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 16)));
 }
+// Aligned loads and stores fault on an address that is not a multiple of 64 on a real CPU: here they abort.
+inline void check_aligned(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 64) {
+    fprintf(stderr, "emulate_avx512: %s at %p, not 64-byte aligned (a fault on AVX-512 hardware)\n", what, p);
+    abort();
+  }
+}
+inline simde__m512 load_ps(const void* p) { check_aligned(p, "_mm512_load_ps"); return simde_mm512_loadu_ps(p); }
+inline simde__m512i load_si512(const void* p) { check_aligned(p, "_mm512_load_si512"); return simde_mm512_loadu_si512(p); }
+inline void store_ps(void* p, simde__m512 v) { check_aligned(p, "_mm512_store_ps"); simde_mm512_storeu_ps(p, v); }
+inline void store_si512(void* p, simde__m512i v) { check_aligned(p, "_mm512_store_si512"); simde_mm512_storeu_si512(p, v); }
 inline float reduce_add_ps(simde__m512 v) {  // GCC's order: halves, quarters, pairs, then the last two
   const __m256 a = _mm256_add_ps(hi(v), lo(v));
   const __m128 b = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
@@ -88,6 +100,14 @@ inline simde__m512i madd_epi16(simde__m512i a, simde__m512i b) {
 #define _mm512_reduce_add_ps(a) emu::reduce_add_ps(a)
 #define _mm256_maskz_loadu_epi8(m, p) emu::maskz_loadu_epi8(m, p)
 #define _mm512_maskz_loadu_epi16(m, p) emu::maskz_loadu_epi16(m, p)
+#undef _mm512_load_ps
+#undef _mm512_load_si512
+#undef _mm512_store_ps
+#undef _mm512_store_si512
+#define _mm512_load_ps(p) emu::load_ps(p)
+#define _mm512_load_si512(p) emu::load_si512(p)
+#define _mm512_store_ps(p, v) emu::store_ps(p, v)
+#define _mm512_store_si512(p, v) emu::store_si512(p, v)
 #undef _mm512_madd_epi16
 #define _mm512_madd_epi16(a, b) emu::madd_epi16(a, b)
 """

@@ -1103,7 +1103,7 @@ AVX512 void gemm_tile_avx512(const float* a, const float* b, int64_t kc, float* 
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float* b1 = b + kKc * kNr;
   for (int64_t p = 0; p < kc; ++p, a += kMr) {
-    const __m512 w0 = _mm512_load_ps(b + p * kNr), w1 = _mm512_load_ps(b1 + p * kNr);
+    const __m512 w0 = _mm512_loadu_ps(b + p * kNr), w1 = _mm512_loadu_ps(b1 + p * kNr);  // 64-byte aligned
     __m512 ar = _mm512_set1_ps(a[0]);
     c00 = _mm512_fmadd_ps(ar, w0, c00), c01 = _mm512_fmadd_ps(ar, w1, c01);
     ar = _mm512_set1_ps(a[1]);
@@ -1159,12 +1159,12 @@ void gemm_blocked(const X* x, int64_t m, const PanelWeight& w, const float* out_
   const int64_t panels = (n + kNr - 1) / kNr, per_block = kNc / kNr, blocks = (panels + per_block - 1) / per_block;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    // This thread's panels (32-byte aligned) and its block of products, kept from call to call (fresh pages
-    // fault slowly; see gemm).
+    // This thread's panels (64-byte aligned: a panel row is one cache line) and its block of products, kept
+    // from call to call (fresh pages fault slowly; see gemm).
     thread_local std::vector<float> storage, block;
-    if (storage.size() < size_t(kNc * kKc + 8)) storage.resize(kNc * kKc + 8);
+    if (storage.size() < size_t(kNc * kKc + 16)) storage.resize(kNc * kKc + 16);
     if (block.size() < size_t(strips * kMr * kNc)) block.resize(strips * kMr * kNc);
-    float* panel = storage.data() + (8 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 8) % 8;
+    float* panel = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 16) % 16;
     float* c = block.data();
     for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
       const int64_t jc = b * per_block, jn = std::min(panels, jc + per_block), cols = std::min(n, jn * kNr) - jc * kNr;
