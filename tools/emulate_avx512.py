@@ -4,16 +4,17 @@ The native kernels' AVX-512 functions are compiled with a `target("avx512f,...")
 the CPU has AVX-512. This tool checks their arithmetic on any x86-64 CPU with AVX2: it builds a copy of the
 kernels in which the AVX-512 intrinsics are SIMDe's portable versions (https://github.com/simd-everywhere/simde,
 Debian's `libsimde-dev`), the AVX-512 functions are compiled for AVX2, and the CPU probe reports AVX-512; then
-it runs the given tests (default: the kernel tests of tests/test_linear.py) against that build, where every
-test that loops over `native_isa_levels()` also runs "avx512".
+it runs the given pytest arguments (default: tests/test_linear.py and tests/test_fast.py, ~15 s once built)
+against that build, where every test that loops over `native_isa_levels()` also runs "avx512", and the formats
+pick it as this CPU's best.
 
 It checks what the intrinsics compute (and that aligned 512-bit loads and stores get 64-byte aligned addresses),
 not speed, and not what SIMDe does not emulate (a wrong `target` list: the real build catches that): a CPU with
 AVX-512 is still the real test.
 
     apt-get install libsimde-dev      # header-only
-    python tools/emulate_avx512.py                         # tests/test_linear.py -k native
-    python tools/emulate_avx512.py tests/test_attention.py -k kernel
+    python tools/emulate_avx512.py                                   # the kernel and format tests
+    python tools/emulate_avx512.py -q tests/test_linear.py -k "gemm and avx512"
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import stablelm.kernels as kernels
 
 SIMDE = Path("/usr/include/simde/x86/avx512.h")
 
-# (text in the source, its replacement): each must occur exactly once in a file that has any.
 # What SIMDe 0.7.4 (Debian 12) lacks or aliases wrongly, built from its AVX2 halves.
 SHIM = r"""
 #define SIMDE_ENABLE_NATIVE_ALIASES
@@ -112,6 +112,7 @@ inline simde__m512i madd_epi16(simde__m512i a, simde__m512i b) {
 #define _mm512_madd_epi16(a, b) emu::madd_epi16(a, b)
 """
 
+# (text in the source, its replacement): each must occur exactly once in a source that uses AVX-512.
 REPLACEMENTS = [
     ("#include <immintrin.h>\n", "#include <immintrin.h>\n" + SHIM),
     ('#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))',
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> int:
             print("the emulated build did not load, or does not report AVX-512", file=sys.stderr)
             return 2
         print("emulated build loaded; ISA levels:", kernels.native_isa_levels(), file=sys.stderr)
-        return pytest.main(argv or ["-q", "-p", "no:cacheprovider", "tests/test_linear.py", "-k", "native"])
+        return pytest.main(argv or ["-q", "-p", "no:cacheprovider", "tests/test_linear.py", "tests/test_fast.py"])
 
 
 if __name__ == "__main__":
