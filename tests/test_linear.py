@@ -591,24 +591,29 @@ def test_prompt_path_matches_decode_path(name, dtype):
 @pytest.mark.parametrize("name", ["int8-native", "int4-native"])
 def test_quantized_native_prompts_use_a_native_16bit_matmul(name, monkeypatch):
     """Where the CPU multiplies bf16 natively (AMX, AVX512-BF16: faked here), a bf16 model's quantized prompts
-    dequantize into the shared buffer and multiply in torch; an fp32 model's still take our GEMM."""
+    from 17 rows dequantize into the shared buffer and multiply in torch; an fp32 model's still take our GEMM."""
     skip_unless_runs(name, torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 128, generator=g)
     for dtype, in_torch in ((torch.bfloat16, True), (torch.float32, False)):
-        module = linear.FORMATS[name].from_weight(weight.to(dtype))
-        module.workspace = linear.Workspace(weight.numel())
-        x = torch.randn(module.native_rows + 1, 128, generator=g).to(dtype)
-        ours = module(x)
-        monkeypatch.setattr(kernels, "fast_16bit_matmul", lambda d: True)
-        calls = []
-        matmul = module.matmul
-        monkeypatch.setattr(module, "matmul", lambda rows: calls.append(rows.shape[0]) or matmul(rows))
-        theirs = module(x)
-        assert calls == ([x.shape[0]] if in_torch else []), dtype
-        assert (theirs.float() - ours.float()).abs().max() <= 2e-2 * ours.float().abs().max(), dtype
-        assert not calls or torch.equal(theirs, matmul(x))
-        monkeypatch.undo()
+        ours = linear.FORMATS[name].from_weight(weight.to(dtype))  # this CPU: our GEMM past native_rows
+        x = torch.randn(ours.native_rows + 1, 128, generator=g).to(dtype)
+        expected = ours(x)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "fast_16bit_matmul", lambda d: True)
+            module = linear.FORMATS[name].from_weight(weight.to(dtype))
+            module.workspace = linear.Workspace(weight.numel())
+            assert module.native_rows == (16 if in_torch else ours.native_rows)
+            calls = []
+            matmul = module.matmul
+            patch.setattr(module, "matmul", lambda rows: calls.append(rows.shape[0]) or matmul(rows))
+            got = module(x)
+            assert calls == ([x.shape[0]] if in_torch else []), dtype
+            assert (got.float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max(), dtype
+            assert not calls or torch.equal(got, matmul(x))
+            calls.clear()
+            module(x[:17])
+            assert calls == ([17] if in_torch else []), dtype
 
 
 @pytest.mark.parametrize("isa", native_levels())

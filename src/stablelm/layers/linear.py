@@ -200,7 +200,9 @@ def _cpu_only(device: torch.device) -> str | None:
 def _native_16bit_prompts(dtype: torch.dtype) -> bool:
     """Whether prompts of a quantized native format multiply the dequantized weight in torch: where the CPU
     multiplies `dtype` natively (AMX, AVX512-BF16: oneDNN's bf16 GEMM runs ~400 GFLOP/s on the 2-core AMX
-    Xeon of the README, our fp32 GEMM at most 2 cores' AVX2 FMAs, ~200)."""
+    Xeon of the README, our fp32 GEMM at most 2 cores' AVX2 FMAs, ~200). They then start at 16 rows, where
+    torch's int8 format hands them over too (measured there), not at the decode/GEMM crossover of a CPU
+    without native bf16."""
     return dtype != torch.float32 and kernels.fast_16bit_matmul(dtype)
 
 
@@ -430,10 +432,13 @@ class Int8Native(Int8Base):
         super()._build(q, scale)
         self.register_buffer("scale32", self.scale.float(), persistent=False)
         self.isa = kernels.native_isa()
+        self.torch_prompts = _native_16bit_prompts(self.compute_dtype)
+        if self.torch_prompts:  # torch's matmul takes prompts from where it does for int8-torch
+            self.native_rows = Int8Torch.DENSE_MIN_ROWS
 
     def native(self, x):
         if x.shape[0] > self.native_rows:
-            if self.isa < AVX2 or _native_16bit_prompts(self.compute_dtype):
+            if self.isa < AVX2 or self.torch_prompts:
                 return None
             return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, self.scale32, None, 0, self.isa,
                                                    self.bias)
@@ -602,6 +607,9 @@ class Int4Native(Int4Base):
         self.register_buffer("kernel_scale", scale.to(kernel_dtype).contiguous(), persistent=False)
         self.register_buffer("kernel_zero", zero.to(kernel_dtype).contiguous(), persistent=False)
         self.isa = kernels.native_isa()
+        self.torch_prompts = _native_16bit_prompts(self.compute_dtype)
+        if self.torch_prompts:  # as int8-native
+            self.native_rows = Int8Torch.DENSE_MIN_ROWS
 
     def values_into(self, out):
         n, k = self.out_features, self.in_features
@@ -613,7 +621,7 @@ class Int4Native(Int4Base):
 
     def native(self, x):
         if x.shape[0] > self.native_rows:
-            if self.isa < AVX2 or _native_16bit_prompts(self.compute_dtype):
+            if self.isa < AVX2 or self.torch_prompts:
                 return None
             return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, self.scale32, self.offset,
                                                    self.group_size, self.isa, self.bias)
