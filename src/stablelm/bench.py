@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,28 @@ def build_checkpoint(shape: str, layers: int | None, dtype: str, cache_dir: str)
             value = (torch.randn(param.shape, generator=gen) * 0.02).to(torch_dtype)
         setattr(module, name.rpartition(".")[2], torch.nn.Parameter(value, requires_grad=False))
     model.save_pretrained(path)
+    return path
+
+
+def quantized_checkpoint(ckpt: Path, quantization: str, dtype: str) -> Path:
+    """`ckpt` quantized once and saved beside it (then reused): our side loads a quantized file, as llama.cpp's
+    loads its quantized GGUF, instead of quantizing at every load."""
+    from .models.config import dtype_from_name
+    from .models.model import StableLmForCausalLM
+
+    path = ckpt.with_name(f"{ckpt.name}-{quantization}")
+    if (path / "config.json").exists():
+        return path
+    partial = ckpt.with_name(f".{path.name}.{os.getpid()}.tmp")
+    model = StableLmForCausalLM.from_pretrained(ckpt, dtype=dtype_from_name(dtype), quantization=quantization)
+    model.save_pretrained(partial)
+    del model
+    try:
+        os.replace(partial, path)  # whole or not at all
+    except OSError:  # another bench saved it first
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (path / "config.json").exists():
+            raise
     return path
 
 
@@ -244,13 +267,15 @@ def run(args) -> int:
     ckpt = build_checkpoint(args.shape, args.layers, args.dtype, args.cache_dir)
     if "llama.cpp" in impls:  # its GGUF file, converted once before anything is timed
         subprocess.run(_worker_command("llama.cpp", args, ckpt, LLAMACPP_WORKER) + ["--convert-only"], check=True)
+    # Quantized: ours loads a quantized checkpoint, saved once (tensor parallelism quantizes each rank's slice).
+    ours = ckpt if args.quantization == "none" else quantized_checkpoint(ckpt, args.quantization, args.dtype)
     if args.tp and args.tp > 1:
         impls.insert(1, f"stablelm-tp{args.tp}")
     runs: dict[str, list[dict]] = {name: [] for name in impls}
     bar = tqdm(total=args.repeats * len(impls), desc="bench", unit="run")
     for _ in range(args.repeats):
         for name in impls:
-            cmd = _worker_command(name, args, ckpt, workers.get(name))
+            cmd = _worker_command(name, args, ours if name == "stablelm" else ckpt, workers.get(name))
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} worker failed:\n{proc.stderr[-3000:]}")
