@@ -143,6 +143,20 @@ def test_truncated_safetensors(tmp_ckpt):
         StableLmForCausalLM.from_pretrained(tmp_ckpt)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_truncated_quantized_checkpoint(tmp_ckpt, quantization):
+    """A quantized checkpoint's projections are read as their modules are built: a cut file still fails
+    with the file's name, before anything is built from it."""
+    StableLmForCausalLM.from_pretrained(_saved(tmp_ckpt, hidden_size=64, intermediate_size=128)[1].parent,
+                                        quantization=quantization).save_pretrained(
+        tmp_ckpt / "q")
+    path = tmp_ckpt / "q" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        StableLmForCausalLM.from_pretrained(tmp_ckpt / "q")
+
+
 def test_missing_shard(tmp_ckpt):
     tiny_model().save_pretrained(tmp_ckpt, max_shard_size="20KB")
     next(tmp_ckpt.glob("model-00002-of-*.safetensors")).unlink()

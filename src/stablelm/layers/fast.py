@@ -228,7 +228,8 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
         tensor = tensors.pop(key)
         if shape is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, config.json implies {shape}")
-        return tensor
+        # still in the file (a FileTensor): read now, so only the module being built holds its stored copy
+        return tensor if isinstance(tensor, torch.Tensor) else tensor.read()
 
     def build(names: list[str], linears: list[nn.Linear]) -> LinearFormat:
         leaves = {n.rpartition(".")[2] for n in names}
@@ -253,11 +254,15 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
             biases.append(take(name, "bias", (n,), required=lin.bias is not None))
             if q[-1].dtype != want:
                 raise ValueError(f"{source}: {name}.weight has dtype {q[-1].dtype}, {module_kind} stores {want}")
-        bias = None if biases[0] is None else torch.cat(biases).to(compute)
+        bias = None if biases[0] is None else joined(biases).to(compute)
         splits = [lin.out_features for lin in linears] if len(names) > 1 else None
-        values = torch.cat(q) if module_kind == "int8" else unpack_pairs(torch.cat(q))
-        return formats[module_kind].from_quantized(values, torch.cat(scale), torch.cat(zero) if zero else None,
+        values = joined(q) if module_kind == "int8" else unpack_pairs(joined(q))
+        del q  # the stored int4 pairs, freed before the format packs its copy (the lm_head's is 100 MB at 1.6B)
+        return formats[module_kind].from_quantized(values, joined(scale), joined(zero) if zero else None,
                                                    bias, splits, compute)
+
+    def joined(pieces: list[torch.Tensor]) -> torch.Tensor:  # torch.cat copies even a single piece
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     for i, layer in enumerate(backbone.layers):
         for owner, path, name in layer_projections(layer):

@@ -326,7 +326,7 @@ class PreTrainedModel(nn.Module):
                 if quantized_kind and (key.endswith(("_proj.weight", "_scale", "_zero")) or key == "lm_head.weight"
                                        or (key.endswith("_proj.bias") and ".self_attn." in key)):
                     if key.rpartition(".")[0] + ".weight" in expected or key in expected:
-                        quantized[key] = tensor.read() if isinstance(tensor, FileTensor) else tensor
+                        quantized[key] = tensor  # a FileTensor is read when its module is built
                         continue
                 if key not in expected:
                     if key in ALL_HEAD_KEYS or (not prefix and name in ALL_HEAD_KEYS):
