@@ -198,11 +198,12 @@ def _cpu_only(device: torch.device) -> str | None:
 
 
 def _native_16bit_prompts(dtype: torch.dtype) -> bool:
-    """Whether prompts of a quantized native format multiply the dequantized weight in torch: where the CPU
-    multiplies `dtype` natively (AMX, AVX512-BF16: oneDNN's bf16 GEMM runs ~400 GFLOP/s on the 2-core AMX
-    Xeon of the README, our fp32 GEMM at most 2 cores' AVX2 FMAs, ~200). They then start at 16 rows, where
-    torch's int8 format hands them over too (measured there), not at the decode/GEMM crossover of a CPU
-    without native bf16."""
+    """Whether a native format's prompts (past its decode rows) multiply in torch rather than in our GEMM:
+    where the CPU multiplies the 16-bit `dtype` natively (AMX, AVX512-BF16: oneDNN's bf16 GEMM runs ~400
+    GFLOP/s on the 2-core AMX Xeon of the README, our fp32 GEMM at most 2 cores' AVX2 FMAs, ~200). Decided
+    once, when a format module is built. The quantized formats then hand prompts over from 16 rows, as
+    torch's int8 format does there (measured there), not at the decode/GEMM crossover of a CPU without
+    native bf16."""
     return dtype != torch.float32 and kernels.fast_16bit_matmul(dtype)
 
 
@@ -288,16 +289,17 @@ class Native16(LinearFormat):
     def _build(self, weight):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.isa = kernels.native_isa()
+        self.torch_prompts = _native_16bit_prompts(self.compute_dtype)
 
     def native(self, x):
         if x.shape[0] <= self.native_rows:
             return torch.ops.stablelm_kernels.gemv(x.contiguous(), self.weight, None, self.isa, self.bias)
-        if self.isa >= AVX2 and not kernels.fast_16bit_matmul(self.compute_dtype):
+        if self.isa >= AVX2 and not self.torch_prompts:
             return torch.ops.stablelm_kernels.gemm(x.contiguous(), self.weight, None, None, 0, self.isa, self.bias)
         return None
 
     def matmul(self, x):  # prompts past native_rows, below AVX2 or where torch has a native 16-bit matmul
-        if kernels.fast_16bit_matmul(self.compute_dtype):
+        if self.torch_prompts:
             return F.linear(x, self.weight)
         return self._dense_matmul(x, lambda out: out.copy_(self.weight))
 
@@ -327,6 +329,7 @@ class NativeLossless(LinearFormat):
         for field, tensor in zip(kernels.Lossless._fields, kernels.lossless_pack(weight.contiguous())):
             self.register_buffer(field, tensor, persistent=False)
         self.isa = kernels.native_isa()
+        self.torch_prompts = _native_16bit_prompts(self.compute_dtype)
 
     @property
     def packed(self) -> kernels.Lossless:
@@ -335,7 +338,7 @@ class NativeLossless(LinearFormat):
     def native(self, x):
         if x.shape[0] <= self.native_rows:
             return torch.ops.stablelm_kernels.gemv_lossless(x.contiguous(), *self.packed, self.isa, self.bias)
-        if self.isa >= AVX2 and not kernels.fast_16bit_matmul(self.compute_dtype):
+        if self.isa >= AVX2 and not self.torch_prompts:
             return torch.ops.stablelm_kernels.gemm_lossless(x.contiguous(), *self.packed, self.isa, self.bias)
         return None
 
@@ -433,7 +436,7 @@ class Int8Native(Int8Base):
         self.register_buffer("scale32", self.scale.float(), persistent=False)
         self.isa = kernels.native_isa()
         self.torch_prompts = _native_16bit_prompts(self.compute_dtype)
-        if self.torch_prompts:  # torch's matmul takes prompts from where it does for int8-torch
+        if self.torch_prompts:
             self.native_rows = Int8Torch.DENSE_MIN_ROWS
 
     def native(self, x):
@@ -608,7 +611,7 @@ class Int4Native(Int4Base):
         self.register_buffer("kernel_zero", zero.to(kernel_dtype).contiguous(), persistent=False)
         self.isa = kernels.native_isa()
         self.torch_prompts = _native_16bit_prompts(self.compute_dtype)
-        if self.torch_prompts:  # as int8-native
+        if self.torch_prompts:
             self.native_rows = Int8Torch.DENSE_MIN_ROWS
 
     def values_into(self, out):
