@@ -182,29 +182,21 @@ def test_describe_reports_the_choice(capsys):
     assert main() == 0 and json.loads(capsys.readouterr().out) == info
 
 
-def test_each_kernel_source_builds_in_its_own_folder(tmp_path, monkeypatch):
-    """Two checkouts of the same sources compile the same copied paths in one folder (built once); a
-    changed source gets another folder, so a build never rewrites a library another process loads."""
-    from torch.utils import cpp_extension
+def test_each_kernel_source_builds_in_its_own_folder(tmp_path):
+    """Two checkouts of the same sources name the same library (built once, loaded by both); a changed
+    source names another, so a build never rewrites a library another process loads."""
+    from stablelm.kernels import build
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     checkouts = []
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
         checkouts.append([tmp_path / name / source.name for source in kernels._SOURCES])
         for source, copy in zip(kernels._SOURCES, checkouts[-1]):
             copy.write_bytes(source.read_bytes())
-    folders = []
-    for sources in checkouts:
-        monkeypatch.setattr(kernels, "_SOURCES", sources)
-        folders.append(kernels._build_directory(cpp_extension))
-    assert folders[0] == folders[1]
-    folder, copies = folders[0]
-    assert [os.path.dirname(c) for c in copies] == [folder] * len(copies)
-    assert [open(c, "rb").read() for c in copies] == [s.read_bytes() for s in checkouts[0]]
+    paths = [build.library_path("stablelm_kernels", sources, kernels._CFLAGS, tmp_path) for sources in checkouts]
+    assert paths[0] == paths[1] and paths[0].parent.parent == tmp_path
     checkouts[1][0].write_bytes(checkouts[1][0].read_bytes() + b"\n// changed\n")
-    changed, _ = kernels._build_directory(cpp_extension)
-    assert changed != folder and open(copies[0], "rb").read() == checkouts[0][0].read_bytes()
+    assert build.library_path("stablelm_kernels", checkouts[1], kernels._CFLAGS, tmp_path) != paths[0]
 
 
 # -- the native kernels themselves, at every ISA level this CPU runs ---------------------------------

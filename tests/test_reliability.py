@@ -665,3 +665,37 @@ def test_soak_mixed_good_bad_and_vanishing_clients(server):
           f"{(baseline + grown) / 2**20:.0f} MiB")
     assert grown < 64 * 2**20
     assert completion(server, prompts[0], 12).json()["choices"][0]["text"] == solo[prompts[0]]
+
+
+def test_prefix_cache_is_shared_only_within_one_key_and_salt():
+    """Issue 27 item 2: client B cannot tell whether client A's prompt is cached. Each API key, and each
+    cache_salt within a key, has its own prefix cache: B's guess of A's prompt reuses nothing (no metric moves,
+    nothing is faster) while A's own repeat reuses its blocks; the answers are the same either way."""
+    from fastapi.testclient import TestClient
+
+    from stablelm.serving.server import create_app
+
+    model = stablelm.AutoModelForCausalLM.from_pretrained(stablelm.demo_model_path())
+    tok = stablelm.AutoTokenizer.from_pretrained(stablelm.demo_model_path())
+    app = create_app(model, tok, "demo", api_key=["key-a", "key-b"], max_batch=2, kv_cache_memory=8 << 20)
+    secret = "ROMEO:\nThe password to the vault is juliet-balcony-1597, tell no one.\n" * 3
+    pool = app.state.engine.pool
+
+    def ask(key, **extra):
+        before = pool.tokens_reused
+        r = client.post("/v1/completions", headers={"authorization": f"Bearer {key}"},
+                        json={"prompt": secret, "max_tokens": 4, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"], pool.tokens_reused - before
+
+    with TestClient(app) as client:
+        text, reused = ask("key-a")
+        assert reused == 0 and len(tok.encode(secret)) > 3 * pool.block_size
+        assert ask("key-b") == (text, 0)  # the right guess from another key: nothing reused
+        assert ask("key-a")[1] > 2 * pool.block_size  # the key's own repeat still reuses its blocks
+        assert ask("key-a", cache_salt="tenant-1") == (text, 0)  # a salt is its own namespace within a key
+        assert ask("key-a", cache_salt="tenant-1")[1] > 0
+        assert ask("key-b", cache_salt="tenant-1")[1] == 0
+        metrics = client.get("/metrics", headers={"authorization": "Bearer key-b"}).text
+        assert "stablelm_prefix_cache_reused_tokens" in metrics
+        assert client.get("/metrics", headers={"authorization": "Bearer key-c"}).status_code == 401

@@ -57,6 +57,17 @@ def _size(value: str) -> int:
     return n
 
 
+def _api_keys(path: str) -> list[str]:
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read API keys from {path}: {e}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise argparse.ArgumentTypeError(f"{path} holds no API key")
+    return keys
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=f"checkpoint folder or hub id ({DEMO_NOTE})")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
@@ -176,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tp_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=_int_at_least(1, 65535), default=8000, help="TCP port (default 8000)")
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require 'Authorization: Bearer KEY' on every endpoint but /health; repeat it for "
+                            "several clients: each key has its own prefix cache, so no client can tell whether "
+                            "another's prompt is cached")
+    serve.add_argument("--api-key-file", type=_api_keys, default=None,
+                       help="a file of API keys, one a line (blank lines and # comments skipped), as --api-key")
     serve.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization")
     serve.add_argument("--max-batch", type=_int_at_least(1), default=8,
                        help="sequences running at once, decoded together (default 8)")
@@ -305,7 +320,8 @@ def _serve(args) -> int:
                        "pip install 'stablelm[serve]'") from None
     if args.model is None and not (demo_model_path() / "config.json").exists():
         raise CliError(f"the demo model is missing from {demo_model_path()}; pass --model")
-    serve(args.model or demo_model_path(), host=args.host, port=args.port, api_key=args.api_key,
+    keys = [*(args.api_key or []), *(args.api_key_file or [])]
+    serve(args.model or demo_model_path(), host=args.host, port=args.port, api_key=keys or None,
           dtype=args.dtype, quantization=args.quantization, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, model_name=args.model_name or (args.model or "stablelm-demo"),
           kv_cache_memory=args.kv_cache_memory, prefill_chunk=args.prefill_chunk or None,

@@ -15,7 +15,6 @@ records it in its JSON.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from . import build
 
 ISA_LEVELS = ("scalar", "avx2", "avx512")
 _SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
@@ -49,35 +50,13 @@ def cpu_capability() -> str:
 _CFLAGS = ["-O3", "-fopenmp"]
 
 
-def _build_directory(cpp_extension) -> tuple[str, list[str]]:
-    """A build folder named by what is compiled (the sources' bytes, the flags, torch's and Python's versions),
-    holding its own copy of the sources, and the copies' paths.
-
-    torch keys its cache by the extension's name alone and rebuilds in place whenever the sources' paths
-    or bytes differ: two checkouts, or two versions, taking turns would rewrite the library while the
-    other's processes load it. Here each content has its own folder, and any checkout of the same
-    content compiles the same paths: built once, never rewritten."""
-    texts = {source.name: source.read_bytes() for source in _SOURCES}
-    digest = hashlib.sha256(" ".join([torch.__version__, platform.python_version(), *_CFLAGS]).encode())
-    for name, text in texts.items():
-        digest.update(name.encode() + b"\0" + text)
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    folder = Path(root) / f"stablelm_kernels_{digest.hexdigest()[:16]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        if not (folder / name).exists() or (folder / name).read_bytes() != text:
-            partial = folder / f".{name}.{os.getpid()}.tmp"
-            partial.write_bytes(text)
-            os.replace(partial, folder / name)
-    return str(folder), [str(folder / name) for name in texts]
-
-
 @functools.cache
 def native_ops():
-    """torch.ops.stablelm_kernels, built from linear.cpp and attention.cpp on first use (cached), or None.
+    """torch.ops.stablelm_kernels, built from linear.cpp and attention.cpp on first use (cached, see
+    `build`), or None.
 
-    None when STABLELM_NATIVE=0, on a non-x86 CPU, or when the build fails (no compiler, no ninja):
-    then one line says so and the torch paths are used.
+    None when STABLELM_NATIVE=0, on a non-x86 CPU, or when the build fails (no compiler, no ninja, another
+    process building for longer than STABLELM_BUILD_WAIT): then one line says so and the torch paths are used.
     """
     if os.environ.get("STABLELM_NATIVE", "1") == "0":
         return None
@@ -85,16 +64,11 @@ def native_ops():
         return None
     with _lock:
         try:
-            from torch.utils import cpp_extension
-
-            folder, sources = _build_directory(cpp_extension)
-            # No -march: each ISA level is compiled through a `target` attribute and picked at run time,
-            # so one binary suits every x86-64 CPU and the cache needs no key per CPU.
-            cpp_extension.load(name="stablelm_kernels", sources=sources, build_directory=folder,
-                               is_python_module=False, extra_cflags=_CFLAGS, verbose=False)
+            build.load("stablelm_kernels", _SOURCES, _CFLAGS, announce="stablelm: building the native CPU kernels "
+                       "for this CPU, once")
         except Exception as e:  # noqa: BLE001 - any build failure means the same: use torch's kernels
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            print(f"stablelm: native CPU kernels unavailable ({reason[:200]}); using torch's kernels, "
+            print(f"stablelm: native CPU kernels unavailable ({reason[:300]}); using torch's kernels, "
                   "slower for bf16/fp16 and quantized decoding on CPUs without native bf16", file=sys.stderr)
             return None
     return torch.ops.stablelm_kernels

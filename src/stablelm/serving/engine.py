@@ -93,9 +93,11 @@ class Request:
 
     serials = itertools.count()
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None],
+                 cache_namespace: bytes = b""):
         self.serial = next(Request.serials)  # names the request to the other ranks of a tensor-parallel engine
         self.prompt_ids = prompt_ids
+        self.cache_namespace = cache_namespace  # prefix-cache blocks are shared only within one (paged.root)
         self.params = params
         self.emit = emit
         self.cancelled = False
@@ -267,8 +269,8 @@ class Engine:
             budget = self.budget.tokens(decoding=bool(self.active))
             if self.tp is not None:
                 try:
-                    self.tp.share((running, [(r.serial, r.prompt_ids, r.params) for r in starts], cancelled,
-                                   budget))
+                    self.tp.share((running, [(r.serial, r.prompt_ids, r.params, r.cache_namespace) for r in starts],
+                                   cancelled, budget))
                 except RuntimeError as e:  # another rank is gone: nothing can run any more
                     log.error("a tensor-parallel process stopped (%s); the engine stops", str(e).splitlines()[0])
                     with self.lock:
@@ -292,8 +294,8 @@ class Engine:
                 return
             self._round([self._mirror(*start) for start in starts], cancelled, budget)
 
-    def _mirror(self, serial: int, prompt_ids: list[int], params: SamplingParams) -> Request:
-        request = Request(prompt_ids, params, lambda event: None)  # rank 0 answers the client
+    def _mirror(self, serial: int, prompt_ids: list[int], params: SamplingParams, namespace: bytes) -> Request:
+        request = Request(prompt_ids, params, lambda event: None, namespace)  # rank 0 answers the client
         request.serial = serial
         return request
 
@@ -355,8 +357,9 @@ class Engine:
     def _resume(self, job: _Prefill) -> None:
         """Start prefilling `job`: a block table that begins with the cached blocks of its longest prefix."""
         try:
-            blocks = self.pool.match(job.ids)
-            job.table = BlockTable(self.pool, blocks, job.ids[:len(blocks) * self.pool.block_size])
+            namespace = job.request.cache_namespace
+            blocks = self.pool.match(job.ids, namespace)
+            job.table = BlockTable(self.pool, blocks, job.ids[:len(blocks) * self.pool.block_size], namespace)
             self.prefilling.append(job)
         except Exception as e:  # this request alone ends
             log.exception("admitting a request failed")

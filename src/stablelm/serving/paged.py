@@ -104,13 +104,14 @@ class BlockPool:
             self.cached[digest] = block
             self.digest_of[block] = digest
 
-    def match(self, ids: list[int]) -> list[int]:
-        """The cached blocks holding the longest run of whole blocks that `ids` starts with, held for the
-        caller; at least one token of `ids` is left out, so its prefill still gives next-token logits."""
+    def match(self, ids: list[int], namespace: bytes = b"") -> list[int]:
+        """The cached blocks holding the longest run of whole blocks that `ids` starts with, written under the
+        same `namespace` (see `root`), held for the caller; at least one token of `ids` is left out, so its
+        prefill still gives next-token logits."""
         if not self.caching:
             return []
         self.lookups += 1
-        blocks, digest = [], b""
+        blocks, digest = [], root(namespace)
         for start in range(0, len(ids) - 1 - self.block_size + 1, self.block_size):
             digest = chain(digest, ids[start:start + self.block_size])
             block = self.cached.get(digest)
@@ -131,6 +132,13 @@ class BlockPool:
                                  f"evictable, {len(self.cached)} cached, of {self.num_blocks}")
 
 
+def root(namespace: bytes) -> bytes:
+    """Where a namespace's hash chains start. Blocks are shared only between requests of one namespace
+    (the server's: one per API key and cache_salt), so a client cannot learn from its own timings or the
+    metrics whether another party's prompt is cached. b"": the one namespace of a single-party server."""
+    return hashlib.blake2b(namespace, digest_size=16, person=b"stablelm-prefix").digest() if namespace else b""
+
+
 def chain(parent: bytes, tokens: list[int]) -> bytes:
     """The digest of a block: its parent's digest and its own token ids."""
     h = hashlib.blake2b(parent, digest_size=16)
@@ -141,11 +149,13 @@ def chain(parent: bytes, tokens: list[int]) -> bytes:
 class BlockTable:
     """One sequence's blocks and the token ids whose keys/values they hold."""
 
-    def __init__(self, pool: BlockPool, blocks: list[int] | None = None, tokens: list[int] | None = None):
+    def __init__(self, pool: BlockPool, blocks: list[int] | None = None, tokens: list[int] | None = None,
+                 namespace: bytes = b""):
         self.pool = pool
         self.blocks = blocks or []
         self.tokens = tokens or []
-        self.digest = b""  # chain digest of the last registered (full) block
+        self.namespace = namespace
+        self.digest = root(namespace)  # chain digest of the last registered (full) block
         self.registered = 0  # full blocks registered so far
         self._register()
 
@@ -189,7 +199,7 @@ class BlockTable:
         shared = self.blocks[:full]
         for block in shared:
             self.pool.hold(block)
-        other = BlockTable(self.pool, list(shared), list(self.tokens[:full * size]))
+        other = BlockTable(self.pool, list(shared), list(self.tokens[:full * size]), self.namespace)
         rest = len(self.tokens) - full * size
         if rest:
             block = self.pool.allocate()

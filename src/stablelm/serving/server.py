@@ -9,6 +9,7 @@ error shape; a failure inside one request ends that request alone.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -67,6 +68,8 @@ class _Common(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # vLLM's: requests share cached prompt blocks only with requests of the same salt (and API key).
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
     model_config = {"extra": "ignore"}
 
@@ -115,19 +118,24 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 class Service:
     """What the routes share: the engine, the tokenizer, the metrics and the limits."""
 
-    def __init__(self, tokenizer, model_name: str, api_key: str | None, limits: Limits, engine: Engine):
+    def __init__(self, tokenizer, model_name: str, api_key: str | list[str] | None, limits: Limits, engine: Engine):
         from .metrics import Metrics
 
-        self.tokenizer, self.model_name, self.api_key, self.limits = tokenizer, model_name, api_key, limits
+        self.tokenizer, self.model_name, self.limits = tokenizer, model_name, limits
+        self.api_keys = tuple([api_key] if isinstance(api_key, str) else api_key or ())
+        if not all(isinstance(k, str) and k and k.isprintable() for k in self.api_keys):
+            raise ValueError("an API key must be a non-empty line of printable characters")
         self.engine = engine
         self.metrics = Metrics()
         engine.on_step = self.metrics.observe_engine
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
+def create_app(model, tokenizer, model_name: str, api_key: str | list[str] | None = None, max_batch: int = 8,
                max_queue: int = 64, max_context: int | None = None, kv_cache_memory: int | None = None,
                limits: Limits | None = None, prefill_chunk: int | str | None = "auto", prefix_caching: bool = True):
-    """The FastAPI app; its engine starts with it and stops (ending every open request) on shutdown."""
+    """The FastAPI app; its engine starts with it and stops (ending every open request) on shutdown.
+
+    api_key: one key or several; each key is a party with a prefix cache of its own."""
     from contextlib import asynccontextmanager
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
@@ -198,7 +206,7 @@ def _refuse(request: HTTPRequest, service: Service):
     if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
         return error_response(413, f"request body over {limits.max_body_bytes} bytes")
     public = request.url.path == "/health"
-    if service.api_key and not public and not _authorized(request, service.api_key):
+    if service.api_keys and not public and _party(request, service) is None:
         return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
                               kind="authentication_error")
     if request.method == "POST":
@@ -317,8 +325,10 @@ async def generate(http: HTTPRequest, service: Service, kind: str, encoded: list
                        "n")
     call = _Call(kind, service.model_name, params, encoded)
     loop = asyncio.get_running_loop()
+    namespace = cache_namespace(_party(http, service), body.cache_salt)
     for ids, events in zip(encoded, call.queues):
-        call.requests.append(Request(ids, params, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e)))
+        call.requests.append(Request(ids, params, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
+                                     namespace))
     try:
         for req in call.requests:
             engine.submit(req)
@@ -482,10 +492,22 @@ def _route_label(router, scope) -> str:
     return getattr(route, "path", "unmatched")
 
 
-def _authorized(request, api_key: str) -> bool:
+def _party(request, service: Service) -> bytes | None:
+    """Who sends `request`: the digest of its API key (b"" when the server has none), None for a wrong key.
+    Every key is compared, so the time taken does not say which one matched."""
+    if not service.api_keys:
+        return b""
     header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    return hmac.compare_digest(token.encode(), api_key.encode())
+    token = (header[7:] if header.lower().startswith("bearer ") else "").encode()
+    matched = [key for key in service.api_keys if hmac.compare_digest(token, key.encode())]
+    return hashlib.blake2b(matched[0].encode(), digest_size=16).digest() if matched else None
+
+
+def cache_namespace(party: bytes, salt: str | None) -> bytes:
+    """The prefix-cache namespace of a request: its party's, and within it its cache_salt's (vLLM's field)."""
+    if salt is None:
+        return party
+    return party + b"\0salt\0" + salt.encode()
 
 
 def _host_name(host: str) -> str:
@@ -581,7 +603,7 @@ def allowed_hosts(host: str, extra: list[str] | None) -> tuple[str, ...]:
     return names
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
+def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | list[str] | None = None, dtype: str = "auto",
           quantization: str | None = None, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
           model_name: str | None = None, kv_cache_memory: int | None = None, prefill_chunk: int | str | None = "auto",
           prefix_caching: bool = True, request_timeout: float = 10.0,
