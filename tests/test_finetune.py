@@ -143,7 +143,7 @@ def test_each_task_learns_and_its_adapter_loads_back(base, tmp_path, task, recor
            "token-classification": stablelm.AutoModelForTokenClassification}[task]
     model = cls.from_pretrained(base, adapter=out)  # merged, head size read from the adapter
     examples = ft.prepare(task, records[:4], stablelm.AutoTokenizer.from_pretrained(base),
-                          result.metrics["options"]["labels"] or ft._label_names(task, records), 64, "test")
+                          result.metrics["options"]["labels"] or ft._label_names(task, records, "test"), 64, "test")
     again = ft.evaluate(model, examples, ft.FinetuneOptions(task=task, batch_size=4), model.config.pad_token_id)
     assert again["loss"] < result.history["train"][0][1]
 
@@ -168,6 +168,51 @@ def test_an_interrupted_run_resumes(base, tmp_path, monkeypatch):
     result = ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2), records)
     assert [s for s, _ in result.history["train"]] == [1, 2, 3, 4, 5, 6]  # steps 5-6 continued from 4
     assert not (tmp_path / "out" / "finetune_state.pt").exists()
+
+
+def test_resume_state_is_written_whole_and_checked(base, tmp_path, monkeypatch):
+    """Issue 27 item 4: a kill during the periodic save left finetune_state.pt at 0 bytes (33 steps lost, then
+    "internal error: EOFError"); resuming with other LoRA targets loaded q_proj's weights into o_proj."""
+    records = [{"text": t} for t in TEXTS] * 8
+    state = tmp_path / "out" / "finetune_state.pt"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def killed_during_the_second_save(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # as kill -9 would: part of the bytes written, then nothing more
+            f.write(b"PK\x03\x04 partial")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_during_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2), records)
+    monkeypatch.undo()
+    assert torch.load(state, weights_only=True)["step"] == 2  # the first save, whole
+    assert [p.name for p in state.parent.iterdir() if p.name.endswith(".tmp")] == []
+    with pytest.raises(ValueError, match=r"lora_targets \(\['o_proj'\]\) differs .* \(\['k_proj', 'o_proj', "
+                                         r"'q_proj', 'v_proj'\]\)"):
+        ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2, lora_targets=("o_proj",)), records)
+    with pytest.raises(ValueError, match=r"lora_r \(4\) differs"):
+        ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2, lora_r=4), records)
+    with pytest.raises(ValueError, match=r"method \('full'\) differs"):
+        ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2, method="full"), records)
+    result = ft.finetune(_opts(base, tmp_path, max_steps=6, eval_every=2), records)
+    assert [s for s, _ in result.history["train"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a torch file", "truncated"])
+def test_a_damaged_resume_state_is_named(base, tmp_path, monkeypatch, damage):
+    records = [{"text": t} for t in TEXTS] * 8
+    monkeypatch.setattr(lora, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(_opts(base, tmp_path, max_steps=2, eval_every=2), records)
+    monkeypatch.undo()
+    state = tmp_path / "out" / "finetune_state.pt"
+    state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2] if damage == "truncated" else damage)
+    with pytest.raises(ValueError, match=f"{state}: the saved fine-tuning state is damaged .* delete"):
+        ft.finetune(_opts(base, tmp_path, max_steps=4, eval_every=2), records)
 
 
 def test_lora_over_an_int8_base(base, tmp_path):

@@ -95,7 +95,7 @@ def test_training_steps_match_peft(pair):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"r": 0}, "rank r must be an integer >= 1"),
+    ({"r": 0}, r"rank r must be an integer in \[1, 65536\]"),
     ({"lora_alpha": float("nan")}, "lora_alpha"),
     ({"lora_dropout": 1.0}, "lora_dropout"),
     ({"target_modules": ["query"]}, "unknown: \\['query'\\]"),

@@ -229,7 +229,14 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
         if shape is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, config.json implies {shape}")
         # still in the file (a FileTensor): read now, so only the module being built holds its stored copy
-        return tensor if isinstance(tensor, torch.Tensor) else tensor.read()
+        tensor = tensor if isinstance(tensor, torch.Tensor) else tensor.read()
+        if suffix != "weight":  # scales, zero points, biases: one NaN would silently empty every reply
+            if not tensor.is_floating_point():
+                raise ValueError(f"{source}: {key} has dtype {tensor.dtype}; scales, zero points and biases are "
+                                 "floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{source}: {key} holds NaN or infinite values")
+        return tensor
 
     def build(names: list[str], linears: list[nn.Linear]) -> LinearFormat:
         leaves = {n.rpartition(".")[2] for n in names}

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..auto import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 from ..auto import AutoTokenizer
+from ..models.config import MAX_LABELS
 from . import lora
 from .train import _plot, autocast, resolve_precision
 
@@ -76,37 +77,64 @@ def read_records(source, task: str) -> tuple[list[dict], str]:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(text.splitlines()))
             if task == "token-classification":
                 rows = [{**r, "tokens": (r.get("tokens") or "").split(), "labels": (r.get("labels") or "").split()}
                         for r in rows]
             return rows, str(path)
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({str(e)[:200]})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
         return records, str(path)
-    return list(source), "the data"
+    records = list(source)
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"the data: record {i + 1}: expected an object, got {type(record).__name__}")
+    return records, "the data"
 
 
-def _label_names(task: str, records: list[dict]) -> list[str]:
-    if task == "sequence-classification":
-        values = {r.get("label") for r in records}
-    else:
-        values = {v for r in records for v in (r.get("labels") or [])}
-    if any(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return [str(i) for i in range(max(int(v) for v in values) + 1)]
-    return sorted(str(v) for v in values)
+def _label_names(task: str, records: list[dict], source: str) -> list[str]:
+    """The class names the data uses: its names sorted, or 0..max for integer labels (at most MAX_LABELS)."""
+    values = set()
+    for i, record in enumerate(records):
+        if task == "sequence-classification":  # a record without one is reported by `prepare`
+            found = [record["label"]] if "label" in record else []
+        else:
+            found = record.get("labels") or []
+        for value in found if isinstance(found, list) else []:
+            _check_label(value, f"{source}: record {i + 1}")
+            values.add(value)
+    if any(isinstance(v, int) for v in values):
+        if not all(isinstance(v, int) for v in values):
+            raise ValueError(f"{source}: labels mix integers and names; use one or the other (or pass the names)")
+        if max(values) >= MAX_LABELS:
+            raise ValueError(f"{source}: label {max(values)} implies {max(values) + 1} classes, more than {MAX_LABELS}")
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(values)
+
+
+def _check_label(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise ValueError(f"{where}: a label is a class name (a non-empty string) or an index, got {value!r}")
+    if isinstance(value, int) and not 0 <= value < MAX_LABELS:
+        raise ValueError(f"{where}: label {value} is outside [0, {MAX_LABELS})")
 
 
 def _label_index(value, names: list[str], where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+    _check_label(value, where)
+    if isinstance(value, int):
         if not 0 <= value < len(names):
             raise ValueError(f"{where}: label {value} is out of range (there are {len(names)} labels: {names})")
         return value
@@ -208,7 +236,9 @@ def finetune(opts: FinetuneOptions, train_data, eval_data=None) -> Result:
     records, where = read_records(train_data, opts.task)
     names = None
     if opts.task != "causal-lm":
-        names = list(opts.labels) if opts.labels else _label_names(opts.task, records)
+        names = list(opts.labels) if opts.labels else _label_names(opts.task, records, where)
+        if len(names) > MAX_LABELS:
+            raise ValueError(f"{where}: {len(names)} label names, more than {MAX_LABELS}")
     train = prepare(opts.task, records, tokenizer, names, opts.max_length, where)
     if eval_data is not None:
         eval_records, eval_where = read_records(eval_data, opts.task)
@@ -245,11 +275,13 @@ def finetune(opts: FinetuneOptions, train_data, eval_data=None) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "finetune_state.pt"
     step, history, gen = 0, {"train": [], "eval": []}, torch.Generator().manual_seed(opts.seed)
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    identity = _resume_identity(opts, source, names)
     if state_path.exists():  # resume
-        state = torch.load(state_path, weights_only=True)
+        state = _read_state(state_path, identity, named)
         with torch.no_grad():
-            for p, saved in zip(params, state["params"]):
-                p.copy_(saved)
+            for name, p in named.items():
+                p.copy_(state["params"][name])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, history = state["step"], state["history"]
@@ -282,9 +314,9 @@ def finetune(opts: FinetuneOptions, train_data, eval_data=None) -> Result:
         if held and (step % eval_every == 0 or step == total):
             history["eval"].append((step, evaluate(model, held, opts, pad)["loss"]))
             model.train()
-            torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step, "history": history,
-                        "generator": gen.get_state()}, state_path)
+            _write_state(state_path, {"identity": identity, "params": {n: p.detach() for n, p in named.items()},
+                                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                      "step": step, "history": history, "generator": gen.get_state()})
     bar.close()
     metrics = evaluate(model, held, opts, pad) if held else {}
     metrics.update(steps=step, train_examples=len(train), eval_examples=len(held), seconds=round(
@@ -299,6 +331,55 @@ def finetune(opts: FinetuneOptions, train_data, eval_data=None) -> Result:
     _plot(history, out / "loss.png")
     state_path.unlink(missing_ok=True)
     return Result(out, metrics, history)
+
+
+# -- resume state ----------------------------------------------------------------------------------
+RESUME_OPTIONS = ("task", "method", "lora_r", "lora_alpha", "lora_targets", "int8_base", "max_length", "labels",
+                  "model")  # what a resumed run must share with the run that saved the state
+
+
+def _resume_identity(opts: FinetuneOptions, source, names: list[str] | None) -> dict:
+    identity = {k: getattr(opts, k) for k in RESUME_OPTIONS}
+    identity.update(lora_targets=sorted(opts.lora_targets), labels=names, model=str(source))
+    if opts.method != "lora":
+        for k in ("lora_r", "lora_alpha", "lora_targets", "int8_base"):
+            identity[k] = None
+    return identity
+
+
+def _write_state(path: Path, state: dict) -> None:
+    """Whole or not at all: a temporary file, flushed to the disk, renamed over the old state."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(partial, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _read_state(path: Path, identity: dict, params: dict[str, torch.Tensor]) -> dict:
+    """The saved state of an interrupted run, checked against this run's options and trainable tensors."""
+    fix = f"delete {path} to start over, or pass another --out"
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, empty, not a torch file: all mean the same here
+        raise ValueError(f"{path}: the saved fine-tuning state is damaged ({type(e).__name__}: {str(e)[:120]}); "
+                         f"{fix}") from None
+    keys = {"identity", "params", "optimizer", "schedule", "step", "history", "generator"}
+    if not isinstance(state, dict) or not keys <= set(state) or not isinstance(state["params"], dict):
+        raise ValueError(f"{path}: not a fine-tuning state of this version of stablelm; {fix}")
+    for key in RESUME_OPTIONS:
+        if state["identity"].get(key) != identity[key]:
+            raise ValueError(f"{path}: this run's {key} ({identity[key]!r}) differs from the interrupted run's "
+                             f"({state['identity'].get(key)!r}); resume with the same options, or {fix}")
+    for name, p in params.items():
+        saved = state["params"].get(name)
+        if not isinstance(saved, torch.Tensor) or saved.shape != p.shape:
+            raise ValueError(f"{path}: the saved state has no tensor {name} of shape {tuple(p.shape)}; {fix}")
+    return state
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..layers import fast
@@ -26,6 +26,8 @@ from ..layers.fused import PROJECTIONS, reference_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MAX_RANK = 2**16  # bounds on numbers read from adapter_config.json, checked before anything is allocated
+MAX_ALPHA = 2.0**16
 TASK_TYPES = {"StableLmForCausalLM": "CAUSAL_LM", "StableLmForSequenceClassification": "SEQ_CLS",
               "StableLmForTokenClassification": "TOKEN_CLS", "StableLmModel": "FEATURE_EXTRACTION"}
 
@@ -48,11 +50,12 @@ class LoraConfig:
     def __post_init__(self):
         self.target_modules = (self.target_modules,) if isinstance(self.target_modules, str) \
             else tuple(self.target_modules)
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
-        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 1 <= self.r <= MAX_RANK:
+            raise ValueError(f"LoRA rank r must be an integer in [1, {MAX_RANK}], got {self.r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+                and math.isfinite(self.lora_alpha) and 0 < self.lora_alpha <= MAX_ALPHA):
+            raise ValueError(f"lora_alpha must be a number in (0, {MAX_ALPHA:g}], got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.modules_to_save is not None:
             self.modules_to_save = tuple(self.modules_to_save)
@@ -90,8 +93,14 @@ class LoraConfig:
         if isinstance(targets, str):
             raise ValueError(f"{source}: target_modules as a regular expression ({targets!r}) is not supported")
         known = {k for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save")}
-        return cls(**{k: data[k] for k in known if k in data}, target_modules=tuple(targets or DEFAULT_TARGETS),
-                   extra={k: v for k, v in data.items() if k not in known | {"target_modules"}})
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            raise ValueError(f"{source}: target_modules must be a list of names, got {targets!r}")
+        try:  # None means the defaults, as in PEFT; an empty list is refused (PEFT refuses it too)
+            return cls(**{k: data[k] for k in known if k in data},
+                       target_modules=DEFAULT_TARGETS if targets is None else tuple(targets),
+                       extra={k: v for k, v in data.items() if k not in known | {"target_modules"}})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 class FrozenInt8Linear(nn.Module):
@@ -152,13 +161,13 @@ class LoraLinear(nn.Module):
         return base
 
 
-def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, nn.Linear) of every projection `config` names."""
+def _targets(model: nn.Module, config: LoraConfig, named: bool = False) -> list[tuple]:
+    """(parent, attribute, nn.Linear) of every projection `config` names; with `named`, the parent's name first."""
     found = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             if child_name in config.target_modules and isinstance(child, nn.Linear):
-                found.append((module, child_name, child))
+                found.append((name, module, child_name, child) if named else (module, child_name, child))
     if not found:
         raise ValueError(f"no module of {type(model).__name__} is named {list(config.target_modules)}")
     return found
@@ -231,32 +240,59 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Add the adapters saved in `directory` (by us or by PEFT) to `model`; returns the model."""
+    """Add the adapters saved in `directory` (by us or by PEFT) to `model`; returns the model.
+
+    The config's numbers and every tensor's name, shape and dtype (from the file's header) are checked
+    against the model before anything is allocated; a weight that is not finite is refused, named."""
+    from ..io.checkpoint import read_tensors
+    from ..models.config import read_json_object
+
     directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: no {name} (a LoRA adapter folder has both)")
-    try:
-        data = json.loads((directory / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: not valid JSON ({e})") from None
-    config = LoraConfig.from_peft(data, str(directory / ADAPTER_CONFIG))
-    add_lora(model, config)
-    saved = load_file(directory / ADAPTER_WEIGHTS)
-    expected = lora_state_dict(model)
+    weights = directory / ADAPTER_WEIGHTS
+    config = LoraConfig.from_peft(read_json_object(directory / ADAPTER_CONFIG), str(directory / ADAPTER_CONFIG))
+    if fast.is_optimized(model):
+        fast.restore(model)
+    saved = dict(read_tensors(weights, False, "cpu"))  # headers only: FileTensor handles
+    expected = _adapter_shapes(model, config)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: does not fit this model: "
-                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:2]})")
+        raise ValueError(f"{weights}: does not fit this model: {len(missing)} missing (e.g. {missing[:2]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for key, shape in expected.items():
+        if tuple(saved[key].shape) != shape:
+            raise ValueError(f"{weights}: {key} has shape {tuple(saved[key].shape)}, the model (and r = {config.r} "
+                             f"in {ADAPTER_CONFIG}) needs {shape}")
+        if not saved[key].dtype.is_floating_point:
+            raise ValueError(f"{weights}: {key} is {saved[key].dtype}; adapter weights are floating point")
+    add_lora(model, config)
     with torch.no_grad():
-        for key, target in expected.items():
-            if saved[key].shape != target.shape:
-                raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {key} has shape {tuple(saved[key].shape)}, "
-                                 f"the model needs {tuple(target.shape)}")
-            target.copy_(saved[key])
+        for key, target in lora_state_dict(model).items():
+            value = saved[key].read()
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{weights}: {key} holds NaN or infinite values")
+            target.copy_(value)
     return model
+
+
+def _adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors an adapter of `config` holds for `model` (plain layout), by PEFT's names: their shapes."""
+    shapes = {}
+    for parent_name, parent, name, linear in _targets(model, config, named=True):
+        path = reference_name(f"{parent_name}.{name}" if parent_name else name)
+        shapes[f"base_model.model.{path}.lora_A.weight"] = (config.r, linear.in_features)
+        shapes[f"base_model.model.{path}.lora_B.weight"] = (linear.out_features, config.r)
+    saved = config.modules_to_save if config.modules_to_save is not None else (
+        ("classifier", "score") if hasattr(model, "score") else ())
+    for name in saved:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            for pname, p in module.named_parameters():
+                shapes[f"base_model.model.{name}.{pname}"] = tuple(p.shape)
+    return shapes
 
 
 def adapter_num_labels(directory: str | os.PathLike) -> int | None:
