@@ -100,6 +100,10 @@ def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | N
     """(B, V) processed scores -> (B,) next tokens: the most likely, or drawn from the softmax."""
     if not do_sample:
         return torch.argmax(scores, dim=-1)
+    top = scores.amax(dim=-1, keepdim=True)
+    if bool(torch.isposinf(top).any()):  # a score past float32 (e.g. repetition_penalty 1e-300): in the limit,
+        # the tokens at +inf share the whole mass equally, where the softmax would give NaN
+        scores = torch.where(torch.isposinf(top), torch.where(torch.isposinf(scores), 0.0, NEG_INF), scores)
     return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 

@@ -152,6 +152,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | list[str] | Non
     app.state.service, app.state.engine = service, engine
     _add_guard(app, service)
     _add_routes(app, service)
+    _publish_request_schemas(app, (CompletionRequest, ChatRequest))
     return app
 
 
@@ -233,7 +234,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
                                             "owned_by": "stablelm"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
     async def completions(request: HTTPRequest):
         body = await parse(request, CompletionRequest, service)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -243,7 +244,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         return await generate(request, service, "text_completion", encoded, _params(body, body.max_tokens,
                                                                                        body.logprobs), body, prompts)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatRequest))
     async def chat(request: HTTPRequest):
         body = await parse(request, ChatRequest, service)
         if not tokenizer.chat_template:
@@ -264,6 +265,31 @@ def _add_routes(app: FastAPI, service: Service) -> None:
                               seed=body.seed, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, logprobs=logprobs, top_k=body.top_k,
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty)
+
+
+def _request_body(schema: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of a route that parses its body itself (to bound its size and time)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}}
+
+
+def _publish_request_schemas(app: FastAPI, schemas: tuple[type[BaseModel], ...]) -> None:
+    """Put the request models (and what they refer to) in the OpenAPI document's components, so clients and
+    schema-driven fuzzers see the bodies the routes accept."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in schemas:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 # -- reading a request ---------------------------------------------------------------------------
