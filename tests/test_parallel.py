@@ -19,7 +19,7 @@ import stablelm
 from stablelm.models import parallel
 from stablelm.models.parallel import Split, TensorParallel
 
-from conftest import Server, perturb_, transformers_or_skip
+from conftest import Server, free_port, perturb_, transformers_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=251, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -44,7 +44,8 @@ def _rank_checks(folders: dict[str, str], out: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_grad_enabled(False)
     results = {}
-    for name, folder in folders.items():
+    for name in CASES:
+        folder = folders[name]
         model = stablelm.StableLmForCausalLM.from_pretrained(folder, tp="auto", dtype=torch.float32)
         results[name] = {
             "logits": model(IDS, attention_mask=MASK).logits,
@@ -68,6 +69,10 @@ def _rank_checks(folders: dict[str, str], out: str) -> None:
         stablelm.StableLmForCausalLM.from_pretrained(folders["12b" if rank == 0 else "1_6b"], tp="auto")
     except ValueError as e:
         errors.append(str(e))
+    try:  # the same config.json and tensor headers, other weight values (ran and printed garbage before)
+        stablelm.StableLmForCausalLM.from_pretrained(folders["12b" if rank == 0 else "12b-other-values"], tp="auto")
+    except ValueError as e:
+        errors.append(str(e))
     torch.save({"results": results, "errors": errors}, Path(out) / f"rank{rank}.pt")
 
 
@@ -83,6 +88,10 @@ def folders(tmp_path_factory):
             model.tie_weights()
         paths[name] = str(base / name)
         model.save_pretrained(paths[name])
+        if name == "12b":
+            perturb_(model, seed=2)
+            paths["12b-other-values"] = str(base / "12b-other-values")
+            model.save_pretrained(paths["12b-other-values"])
     return paths
 
 
@@ -155,9 +164,10 @@ def test_quantized_and_bf16_slices(world, folders, case):
 def test_clear_errors(world):
     size, ranks = world
     for rank in ranks:
-        too_many, mismatch = rank["errors"]
+        too_many, mismatch, values = rank["errors"]
         assert f"tp={size + 1} but this process is one of {size}" in too_many
         assert "the ranks opened different checkpoints" in mismatch
+        assert "the ranks opened different checkpoints" in values
 
 
 def test_split_refuses_shapes_that_do_not_divide():
@@ -198,7 +208,7 @@ def test_joining_a_group_closes_it_at_exit(monkeypatch):
     registered = []
     monkeypatch.setattr(atexit, "register", lambda f, *a, **k: registered.append((f, a, k)))
     monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend, timeout=None: None)
     monkeypatch.setattr(parallel.dist, "get_rank", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -229,3 +239,80 @@ def test_server_with_tp_2_answers_the_openai_client(tmp_path):
     assert [c.text for c in sampled.choices] == [c.text for c in again.choices]  # seeded: reproducible
     assert "Traceback" not in log, log[-2000:]
     json.dumps(reply.model_dump())
+
+
+def test_the_same_headers_with_other_values_differ_in_the_digest(folders):
+    from stablelm.io.checkpoint import safetensors_header
+
+    one, other = (Path(folders[n]) / "model.safetensors" for n in ("12b", "12b-other-values"))
+    assert safetensors_header(one) == safetensors_header(other)
+    assert (Path(folders["12b"]) / "config.json").read_bytes() == \
+        (Path(folders["12b-other-values"]) / "config.json").read_bytes()
+    assert parallel.sampled_bytes_digest(one) != parallel.sampled_bytes_digest(other)
+    # a large file is sampled: a change inside a sampled window is seen, the rest of the file is not read
+    big = one.parent.parent / "big.bin"
+    big.write_bytes(bytes(1 << 20))
+    digest = parallel.sampled_bytes_digest(big, whole=1 << 16, stride=1 << 18, sample=1 << 12)
+    with open(big, "r+b") as f:
+        f.seek(3 << 18)
+        f.write(b"x")
+    assert parallel.sampled_bytes_digest(big, whole=1 << 16, stride=1 << 18, sample=1 << 12) != digest
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "ROMEO:", "--tp", "64"], "num_attention_heads (8) must divide by 64"),
+    (["generate", "ROMEO:", "--tp", "3"], "must divide by 3"),
+    (["serve", "--tp", "64", "--port", str(free_port())], "num_attention_heads (8) must divide by 64"),
+])
+def test_tp_is_checked_before_any_process_starts(argv, message, monkeypatch, capsys):
+    """`--tp 64` spawned 64 interpreters (10.7 GB, 134 s) before saying the heads do not divide."""
+    from stablelm.cli import main
+
+    monkeypatch.setattr(parallel, "launch", lambda *a, **k: pytest.fail("a process was started"))
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_tp_timeout_is_refused(monkeypatch):
+    monkeypatch.setenv("STABLELM_TP_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="STABLELM_TP_TIMEOUT='soon'"):
+        parallel.collective_timeout()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_hung_rank_ends_the_server_within_the_timeout(tmp_path):
+    """A rank stopped with SIGSTOP blocked the others for gloo's default 30 minutes; with --tp-timeout 6 the
+    collective fails, rank 0's server exits, and the launcher ends the stopped rank and says why."""
+    import signal
+    import time
+
+    demo = ROOT / "src" / "stablelm" / "demo"
+    log = tmp_path / "serve.log"
+    server = Server(demo, "--tp", "2", "--tp-timeout", "6", "--dtype", "float32", log=log)
+    try:
+        spawned = sorted(pid for pid in _children(server.proc.pid)  # started in rank order
+                         if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        assert len(spawned) == 2, spawned
+        ranks = dict(enumerate(spawned))
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        status = server.proc.wait(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in ranks.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    assert status == 1, text[-2000:]
+    assert "tensor-parallel process" in text and "stopped or hung" in text, text[-2000:]
+    assert took < 60, took  # 6 s timeout, a 2 s heartbeat, 5 s grace: not gloo's 30 minutes

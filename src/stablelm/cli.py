@@ -80,6 +80,9 @@ def _add_tp_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=_int_at_least(1), default=None,
                    help="split the model over N processes (tensor parallelism, gloo on the CPU, NCCL on CUDA); "
                         "under torchrun the default is its process count")
+    p.add_argument("--tp-timeout", type=_positive_float, default=None,
+                   help="seconds a tensor-parallel process waits for the others before all of them stop, so a hung "
+                        "process ends the group (default 120; STABLELM_TP_TIMEOUT)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -249,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "tp_timeout", None):
+            os.environ["STABLELM_TP_TIMEOUT"] = str(args.tp_timeout)  # read by every rank as it joins
         if args.command == "generate" and (args.tp or 1) > 1 and _world() == 1:
+            from .models.parallel import check_before_launch
+
+            check_before_launch(args.model or demo_model_path(), args.tp)
             return _launch(args.tp, sys.argv[1:] if argv is None else argv)
         if args.command == "generate":
             return _generate(args)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..generation import sampling
 from ..generation.streaming import IncrementalText, StopScanner
+from ..models import parallel
 from ..models.cache import kv_heads
 from .budget import PrefillBudget
 from .paged import BLOCK_SIZE, BlockPool, BlockTable, PagedBatch, Segment
@@ -161,7 +162,6 @@ class Engine:
     Sampled tokens are rank 0's.
     """
 
-    HEARTBEAT = 10.0  # seconds: an idle rank 0 still sends a round, so the others' collectives never time out
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
                  kv_cache_memory: int | None = None, prefix_caching: bool = True,
@@ -178,6 +178,10 @@ class Engine:
         self.observations: list[tuple[str, float]] = []  # ("queue" | "token_gap", seconds), drained by on_step
         self.vocab_size = model.config.vocab_size
         self.tp = getattr(model, "tp", None)
+        # seconds between the rounds an idle rank 0 still sends, well within the collectives' timeout
+        self.heartbeat = min(10.0, parallel.collective_timeout() / 3) if self.tp is not None else None
+        self.failure: str | None = None  # why the engine stopped by itself (a tensor-parallel rank was lost)
+        self.on_failure: Callable[[str], None] | None = None  # the server exits then: it cannot answer any more
         plan = plan_pool(model.config, model.dtype, max_context, kv_cache_memory, kv_heads(model), block_size)
         if self.tp is not None:  # free memory differs between ranks; the plan (and so every decision) must not
             plan = self.tp.share(plan)
@@ -260,7 +264,7 @@ class Engine:
         while True:
             with self.lock:
                 while self.running and self.idle():
-                    if not self.lock.wait(timeout=self.HEARTBEAT if self.tp is not None else None):
+                    if not self.lock.wait(timeout=self.heartbeat):
                         break  # a tensor-parallel round with nothing in it
                 running = self.running
             starts = self._choose() if running else []
@@ -271,12 +275,15 @@ class Engine:
                 try:
                     self.tp.share((running, [(r.serial, r.prompt_ids, r.params, r.cache_namespace) for r in starts],
                                    cancelled, budget))
-                except RuntimeError as e:  # another rank is gone: nothing can run any more
-                    log.error("a tensor-parallel process stopped (%s); the engine stops", str(e).splitlines()[0])
+                except RuntimeError as e:  # another rank is gone or hung past the timeout: nothing can run
+                    self.failure = f"a tensor-parallel process stopped or hung ({str(e).splitlines()[0][:200]})"
+                    log.error("%s; the engine stops", self.failure)
                     with self.lock:
                         self.running = False
                     self.waiting.extendleft(reversed(starts))
                     self._end_all("a tensor-parallel process of the server stopped")
+                    if self.on_failure:
+                        self.on_failure(self.failure)
                     return
             if not running:
                 return

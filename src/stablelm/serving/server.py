@@ -647,6 +647,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if tp is not None and tp > 1 and parallel.world_from_environment() == 1:
         _listen(host, port).close()  # a port in use is an error now, not in one of the processes
+        parallel.check_before_launch(model_path, tp)
         options = dict(host=host, port=port, api_key=api_key, dtype=dtype, quantization=quantization,
                        max_batch=max_batch, max_queue=max_queue, max_context=max_context, model_name=model_name,
                        kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
@@ -678,9 +679,12 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     config = uvicorn.Config(app, log_level="warning", http=protocol, timeout_graceful_shutdown=5,
                             timeout_keep_alive=5)
     server = uvicorn.Server(config)
+    engine.on_failure = lambda why: setattr(server, "should_exit", True)  # a lost rank: exit, not 429 forever
     sock.listen(2048)  # connections from now on wait in the backlog until uvicorn accepts them
     print(f"stablelm serve: ready on http://{shown}:{port}/v1 (model {model_name or model_path})", flush=True)
     server.run(sockets=[sock])
+    if engine.failure:
+        raise RuntimeError(f"the server stopped: {engine.failure}")
 
 
 def _listen(host: str, port: int):
