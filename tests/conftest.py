@@ -138,7 +138,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "stablelm.cli", "serve", "--model", str(model),
                                       "--port", str(self.port), "--model-name", "tiny", *extra],
                                      stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded machine: imports and loading take far longer than quietly
         while time.time() < deadline:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
