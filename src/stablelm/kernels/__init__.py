@@ -65,7 +65,7 @@ def native_ops():
     with _lock:
         try:
             build.load("stablelm_kernels", _SOURCES, _CFLAGS, announce="stablelm: building the native CPU kernels "
-                       "for this CPU, once")
+                       "for this CPU")
         except Exception as e:  # noqa: BLE001 - any build failure means the same: use torch's kernels
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             print(f"stablelm: native CPU kernels unavailable ({reason[:300]}); using torch's kernels, "

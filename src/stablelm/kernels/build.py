@@ -61,7 +61,7 @@ def load(name: str, sources: list[Path], cflags: list[str], root: Path | None = 
     if library.is_file():
         torch.ops.load_library(str(library))
         return library
-    announce = announce or f"stablelm: building {name} for this CPU, once"
+    announce = announce or f"stablelm: building {name} for this CPU"
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         lock = open(library.parent.with_name(f".{library.parent.name}.lock"), "a+")
@@ -72,7 +72,7 @@ def load(name: str, sources: list[Path], cflags: list[str], root: Path | None = 
         if not library.is_file():  # the process we waited for may have built it
             for stale in root.glob(f".{library.parent.name}.building-*"):  # left by builds killed part-way
                 shutil.rmtree(stale, ignore_errors=True)
-            print(f"{announce} into {library.parent} ({BUILD_SECONDS})", file=sys.stderr, flush=True)
+            print(f"{announce}, once ({BUILD_SECONDS}), in {library.parent}", file=sys.stderr, flush=True)
             private = Path(tempfile.mkdtemp(prefix=f".{library.parent.name}.building-", dir=root))
             try:
                 built = _compile(name, sources, cflags, private)
