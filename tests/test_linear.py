@@ -551,8 +551,8 @@ def test_int4_layout_of_torch_is_derived_not_assumed():
     if block is None:
         pytest.skip("torch's int4 packing matches none of the known layouts here; the identity path is used")
     q = torch.randint(0, 16, (192, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    module = linear.Int4Torch.from_quantized(q, torch.rand(192, 4).bfloat16(), torch.rand(192, 4).bfloat16(), None,
-                                             None, torch.float32)
+    fields = {"q": q, "scale": torch.rand(192, 4).bfloat16(), "zero": torch.rand(192, 4).bfloat16()}
+    module = linear.Int4Torch.from_quantized(fields, None, None, torch.float32)
     assert module.block == block and torch.equal(module.values(), q)
     module.block = None  # the fallback through the kernel gives the same values
     assert torch.equal(module.values(), q)

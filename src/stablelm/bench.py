@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .layers.schemes import SCHEMES
+
 # Exact shapes of the official checkpoints (see the reference doc's table).
 SHAPES = {
     "stablelm-2-1_6b": dict(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
@@ -34,14 +36,14 @@ IMPLEMENTATIONS = ("stablelm", "transformers")
 REFERENCE_WORKER = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_worker.py"
 LLAMACPP_WORKER = REFERENCE_WORKER.with_name("llamacpp_worker.py")
 PEERS = {"transformers": ("transformers", REFERENCE_WORKER), "llama.cpp": ("llama_cpp", LLAMACPP_WORKER)}
-GGUF_TYPE = {"none": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's type at each precision
+GGUF_TYPE = {"none": "f16", **{name: s.gguf_peer for name, s in SCHEMES.items()}}  # llama.cpp's at each precision
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="stablelm-2-1_6b", help="official model shape")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quicker runs)")
     p.add_argument("--dtype", default="bfloat16", help="weights dtype: bfloat16, float16 or float32")
-    p.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantization", choices=["none", *SCHEMES], default="none",
                    help="weight-only quantization for this library's side")
     p.add_argument("--linear-format", default=None,
                    help="force this library's weight format (see stablelm.linear.FORMATS; default: the fastest here)")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import demo_model_path
+from .layers.schemes import SCHEMES
 
 DEMO_NOTE = "default: the bundled demo model (a small StableLM trained on Shakespeare's plays)"
 
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "another's prompt is cached")
     serve.add_argument("--api-key-file", type=_api_keys, default=None,
                        help="a file of API keys, one a line (blank lines and # comments skipped), as --api-key")
-    serve.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    serve.add_argument("--quantization", choices=list(SCHEMES), default=None, help="weight-only quantization")
     serve.add_argument("--max-batch", type=_int_at_least(1), default=8,
                        help="sequences running at once, decoded together (default 8)")
     serve.add_argument("--max-queue", type=_int_at_least(0), default=64,
@@ -228,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"model: {DEMO_NOTE}.")
     quant.add_argument("out", help="folder to write (config, quantized safetensors, tokenizer files)")
     _add_model_options(quant)
-    quant.add_argument("--bits", type=int, choices=[8, 4], default=4,
-                       help="8 (int8 per row) or 4 (int4 in groups; the default)")
+    quant.add_argument("--bits", type=int, choices=sorted({s.bits for s in SCHEMES.values()}), default=4,
+                       help="bits a weight: " + ", ".join(f"{s.bits} ({s.name}: {s.__doc__.split(':')[0].lower()})"
+                                                        for s in SCHEMES.values()) + "; default 4")
     quant.add_argument("--calibration", help="a UTF-8 text file for GPTQ (int4), or 'demo' for the bundled sample of the "
                                              "demo's training scenes; without it int4 rounds to nearest")
     quant.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
@@ -480,7 +482,8 @@ def _quantize(args) -> int:
         if args.calibration:
             raise CliError("--calibration is for --bits 4 (GPTQ); int8 rounds to nearest")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, revision=args.revision,
-                                                     quantization="int8" if args.bits == 8 else "int4",
+                                                     quantization=next(s.name for s in SCHEMES.values()
+                                                                       if s.bits == args.bits),
                                                      adapter=args.adapter)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..models.meta import skip_init
 from .fused import FUSED, PROJECTIONS, Fused, layer_projections, parts, reference_name
-from .linear import FORMATS, LinearFormat, choose_format, share_workspace, unpack_pairs
-from .rounding import INT4_GROUP_SIZE
+from .linear import FORMATS, LinearFormat, choose_format, share_workspace
+from .schemes import SCHEMES, Scheme, join, scheme_from_config
 
 
 
@@ -47,7 +47,7 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
     """Fuse projections and convert weights to a linear format for inference (in place); returns the model.
 
     quantization: None (16/32-bit weights), "int8" or "int4" (rounded to nearest here).
-    quantized: {nn.Linear: ("int8", q, scale) or ("int4", q, scale, zero)} computed elsewhere (GPTQ).
+    quantized: {nn.Linear: (scheme name, its fields)} computed elsewhere (GPTQ).
     fetch: fetch(state-dict names, out) -> their weights concatenated by rows, for projections whose weights
     are still on the meta device (the loader reads them from the file only now, into `out` when given).
     linear_format: force a format by name (see stablelm.linear.FORMATS); by default the fastest that runs.
@@ -93,16 +93,14 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
     return model
 
 
-def _from_quantized(parts: list[tuple], bias, splits, model) -> LinearFormat:
-    """One format module from GPTQ's per-projection ("int8", q, scale) / ("int4", q, scale, zero)."""
-    kinds = {part[0] for part in parts}
+def _from_quantized(parts: list[tuple[str, dict]], bias, splits, model) -> LinearFormat:
+    """One format module from GPTQ's per-projection (scheme name, fields)."""
+    kinds = {kind for kind, _ in parts}
     if len(kinds) != 1:
         raise ValueError(f"fused projections must share one quantization, got {sorted(kinds)}")
     kind = kinds.pop()
-    tensors = [torch.cat(column) for column in zip(*(part[1:] for part in parts))]
-    fmt = _format_class(model, kind, None)
-    zero = tensors[2] if kind == "int4" else None
-    return fmt.from_quantized(tensors[0], tensors[1], zero, bias, splits, model.dtype)
+    return _format_class(model, kind, None).from_quantized(join([fields for _, fields in parts]), bias, splits,
+                                                           model.dtype)
 
 
 def _mark(model: nn.Module, format_name: str, quantization: str | None) -> None:
@@ -171,40 +169,48 @@ def _split_tensors(module: LinearFormat) -> list[dict[str, torch.Tensor]]:
 
 
 # -- loading a quantized checkpoint --------------------------------------------------------------
+def _check_no_other_scheme(scheme: Scheme, name: str, tensors: dict, source: str) -> None:
+    """A projection stored with tensors that `scheme` does not store was written by another scheme."""
+    mine = set(scheme.stored_layout(1, 64))
+    for other in SCHEMES.values():
+        extra = [suffix for suffix in other.stored_layout(1, 64) if suffix not in mine and f"{name}.{suffix}" in tensors]
+        if extra:
+            raise ValueError(f"{source}: {name} is stored as {other.name} ({name}.{extra[0]}) but quantization_config "
+                             f"implies {scheme.name}")
+
+
+MIXED_SCHEME = "int8"  # what a mixed recipe (GPTQ's default) keeps some projections at: `int8_modules`
+
+
 def quantization_config(model: nn.Module) -> dict:
-    """The `quantization_config` entry of config.json for a quantized model."""
-    config = {"quant_method": "stablelm-weight-only", "bits": 8 if model.quantization == "int8" else 4}
-    if model.quantization == "int4":
-        config["group_size"] = INT4_GROUP_SIZE
-        int8_modules = int8_projections(model)
-        if int8_modules:
-            config["int8_modules"] = int8_modules
+    """The `quantization_config` entry of config.json for a quantized model: its scheme's entries, and the
+    projections kept at int8 when there are any."""
+    config = SCHEMES[model.quantization].config()
+    mixed = int8_projections(model) if model.quantization != MIXED_SCHEME else []
+    if mixed:
+        config["int8_modules"] = mixed
     return config
 
 
 def int8_projections(model: nn.Module) -> list[str]:
-    """Projection names kept at int8 in an int4 model (a mixed recipe such as GPTQ's default)."""
+    """Projection names kept at int8 in a model of another scheme (a mixed recipe such as GPTQ's default)."""
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, LinearFormat) and module.quantization == "int8":
+        if isinstance(module, LinearFormat) and module.quantization == MIXED_SCHEME:
             leaf = name.rpartition(".")[2]
             names.update(FUSED.get(leaf, (leaf,)))
     return sorted(names)
 
 
 def kind_from_config(qconfig: dict, source: str) -> tuple[str, tuple[str, ...]]:
-    """(kind, projections kept at int8) from a `quantization_config`, or a ValueError naming what is wrong."""
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "stablelm-weight-only" \
-            or qconfig.get("bits") not in (8, 4):
-        raise ValueError(f"{source}: unsupported quantization_config {qconfig!r} "
-                         "(expected quant_method 'stablelm-weight-only' with bits 8 or 4)")
-    if qconfig["bits"] == 4 and qconfig.get("group_size", INT4_GROUP_SIZE) != INT4_GROUP_SIZE:
-        raise ValueError(f"{source}: int4 group_size {qconfig.get('group_size')} is not {INT4_GROUP_SIZE}")
+    """(scheme name, projections kept at int8) from a `quantization_config`, or a ValueError naming what is
+    wrong."""
+    scheme = scheme_from_config(qconfig, source)
     int8_modules = qconfig.get("int8_modules", [])
     if not isinstance(int8_modules, list) or any(name not in PROJECTIONS + ("lm_head",) for name in int8_modules):
         raise ValueError(f"{source}: quantization_config int8_modules {int8_modules!r} must list names among "
                          f"{PROJECTIONS + ('lm_head',)}")
-    return ("int8" if qconfig["bits"] == 8 else "int4"), tuple(int8_modules)
+    return scheme.name, tuple(int8_modules)
 
 
 @torch.no_grad()
@@ -213,11 +219,11 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
     """Build the quantized format modules from saved q / scale / zero tensors (no re-quantizing), checking
     every tensor's dtype and shape against the model's projections.
 
-    int8_modules: projection names stored at int8 in an int4 checkpoint."""
+    int8_modules: projection names stored at int8 in a checkpoint of another scheme."""
     backbone = model.model if hasattr(model, "model") else model
     prefix = getattr(model, "base_prefix", "")
     compute = backbone.embed_tokens.weight.dtype
-    formats = {q: _format_class(model, q, linear_format) for q in {kind, "int8"}}
+    formats = {q: _format_class(model, q, linear_format) for q in {kind, MIXED_SCHEME}}
 
     def take(name: str, suffix: str, shape: tuple[int, ...] | None, required: bool = True):
         key = f"{name}.{suffix}"
@@ -240,36 +246,28 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
 
     def build(names: list[str], linears: list[nn.Linear]) -> LinearFormat:
         leaves = {n.rpartition(".")[2] for n in names}
-        mixed = kind == "int4" and leaves & set(int8_modules)
+        mixed = kind != MIXED_SCHEME and leaves & set(int8_modules)
         if mixed and leaves - set(int8_modules):
             raise ValueError(f"{source}: int8_modules lists only part of the fused {sorted(leaves)}")
-        module_kind = "int8" if mixed else kind
-        stored = "int4" if f"{names[0]}.weight_zero" in tensors else "int8"
-        if stored != module_kind:
-            raise ValueError(f"{source}: {names[0]} is stored as {stored} but quantization_config implies {module_kind}")
-        want = torch.uint8 if module_kind == "int4" else torch.int8
-        q, scale, zero, biases = [], [], [], []
+        scheme = SCHEMES[MIXED_SCHEME if mixed else kind]
+        _check_no_other_scheme(scheme, names[0], tensors, source)
+        pieces, biases = [], []
         for name, lin in zip(names, linears):
-            n, k = lin.out_features, lin.in_features
-            if module_kind == "int4":
-                q.append(take(name, "weight", (n, k // 2)))
-                scale.append(take(name, "weight_scale", (n, k // INT4_GROUP_SIZE)))
-                zero.append(take(name, "weight_zero", (n, k // INT4_GROUP_SIZE)))
-            else:
-                q.append(take(name, "weight", (n, k)))
-                scale.append(take(name, "weight_scale", (n,)))
-            biases.append(take(name, "bias", (n,), required=lin.bias is not None))
-            if q[-1].dtype != want:
-                raise ValueError(f"{source}: {name}.weight has dtype {q[-1].dtype}, {module_kind} stores {want}")
-        bias = None if biases[0] is None else joined(biases).to(compute)
+            stored = {}
+            for suffix, (shape, dtypes) in scheme.stored_layout(lin.out_features, lin.in_features).items():
+                stored[suffix] = take(name, suffix, shape)
+                if stored[suffix].dtype not in dtypes:
+                    raise ValueError(f"{source}: {name}.{suffix} has dtype {stored[suffix].dtype}, {scheme.name} "
+                                     f"stores {' or '.join(str(d) for d in dtypes)}")
+            pieces.append(stored)
+            biases.append(take(name, "bias", (lin.out_features,), required=lin.bias is not None))
+        bias = None if biases[0] is None else join([{"bias": b} for b in biases])["bias"].to(compute)
         splits = [lin.out_features for lin in linears] if len(names) > 1 else None
-        values = joined(q) if module_kind == "int8" else unpack_pairs(joined(q))
-        del q  # the stored int4 pairs, freed before the format packs its copy (the lm_head's is 100 MB at 1.6B)
-        return formats[module_kind].from_quantized(values, joined(scale), joined(zero) if zero else None,
-                                                   bias, splits, compute)
-
-    def joined(pieces: list[torch.Tensor]) -> torch.Tensor:  # torch.cat copies even a single piece
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        stored = join(pieces)
+        del pieces
+        fields = scheme.from_stored(stored)
+        del stored  # e.g. the stored int4 pairs, freed before the format packs its copy (100 MB for the 1.6B lm_head)
+        return formats[scheme.name].from_quantized(fields, bias, splits, compute)
 
     for i, layer in enumerate(backbone.layers):
         for owner, path, name in layer_projections(layer):

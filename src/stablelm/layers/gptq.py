@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from . import fast
 from .fused import FUSED, PROJECTIONS, layer_projections, parts
-from .rounding import INT4_GROUP_SIZE, int4_params, int4_round, quantize_int8
+from .rounding import INT4_GROUP_SIZE, int4_params, int4_round
+from .schemes import SCHEMES
 
 # down_proj is the projection int4 hurts most (measured on the demo model, see tests/test_demo.py); as in
 # llama.cpp's Q4_K_M it keeps more bits, at about 17 % more weight bytes than all-int4.
@@ -80,8 +81,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = INT
 
 @torch.no_grad()
 def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tuple[str, ...] = GPTQ_INT8_MODULES,
-                  group_size: int = INT4_GROUP_SIZE, batch_size: int = 8, damp: float = 0.01,
-                  progress: bool = True) -> nn.Module:
+                  batch_size: int = 8, damp: float = 0.01, progress: bool = True) -> nn.Module:
     """Quantize a loaded StableLm model's projections to int4 with GPTQ, in place; returns the model.
 
     calibration: (N, T) token ids of representative text (tens of thousands of tokens are enough).
@@ -104,16 +104,17 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
     batches = [backbone.embed_tokens(ids) for ids in calibration.split(batch_size)]
     positions = torch.arange(calibration.shape[1])[None]
     cos, sin = backbone.rotary(positions, dtype)
-    quantized: dict[nn.Linear, tuple] = {}
+    quantized: dict[nn.Linear, tuple[str, dict]] = {}  # (scheme name, its fields) per projection
+    int8, int4 = SCHEMES["int8"], SCHEMES["int4"]
     layers = tqdm(backbone.layers, desc="GPTQ", unit="layer", disable=not progress)
     for layer in layers:
         for group in [[linear for _, linear in parts(name, getattr(owner, name))]
                       for owner, _, name in layer_projections(layer)]:
             if all(names[lin] in int8_modules for lin in group):  # rounded to nearest: needs no activations
                 for linear in group:
-                    q, scale = quantize_int8(linear.weight)
-                    quantized[linear] = ("int8", q, scale)
-                    linear.weight.copy_((q.float() * scale[:, None]).to(linear.weight.dtype))
+                    fields = int8.quantize(linear.weight)
+                    quantized[linear] = (int8.name, fields)
+                    linear.weight.copy_(int8.dequantize(fields, linear.weight.dtype))
                 continue
             hessian = torch.zeros(group[0].in_features, group[0].in_features)
             count = 0
@@ -135,12 +136,11 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, int8_modules: tup
             hessian /= count
             # GPTQ treats rows independently given H: the group's weights (q/k/v, gate/up) in one sweep
             rows = [linear.out_features for linear in group]
-            swept = gptq_int4(torch.cat([linear.weight for linear in group]), hessian, group_size, damp)
+            swept = gptq_int4(torch.cat([linear.weight for linear in group]), hessian, int4.group_size, damp)
             for linear, q, scale, zero in zip(group, *(part.split(rows) for part in swept)):
-                quantized[linear] = ("int4", q, scale, zero)
-                deq = ((q.float().view(q.shape[0], -1, group_size) - 8) * scale.float()[..., None]
-                       + zero.float()[..., None]).view_as(q)
-                linear.weight.copy_(deq.to(linear.weight.dtype))  # later groups see the quantized outputs
+                fields = {"q": q, "scale": scale, "zero": zero}
+                quantized[linear] = (int4.name, fields)
+                linear.weight.copy_(int4.dequantize(fields, linear.weight.dtype))  # later groups see the rounding
         batches = [layer(x, cos, sin, None, None, True) for x in batches]
     fast.optimize(model, "int4", quantized=quantized)
     return model

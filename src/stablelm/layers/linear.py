@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .rounding import INT4_GROUP_SIZE, quantize_int4, quantize_int8
-
-QUANTIZATIONS = ("int8", "int4")
+from .schemes import SCHEMES
 FORMATS: dict[str, type[LinearFormat]] = {}
 
 
@@ -73,8 +71,9 @@ class _NoTraining(torch.autograd.Function):
 class LinearFormat(nn.Module):
     """y = x W^T (+ b), W (out_features, in_features) kept in this format's layout.
 
-    Subclasses set `name` (the registry key), `quantization` (None, "int8", "int4": what is stored) and
-    implement `unavailable`, `_build`, `matmul` and `dense_weight`.
+    Subclasses set `name` (the registry key), `quantization` (None, or the name of the scheme in
+    stablelm.layers.schemes whose fields `_build` takes) and implement `unavailable`, `_build`, `matmul` and
+    `dense_weight` (quantized formats: `fields` too).
     """
 
     name: ClassVar[str]
@@ -103,25 +102,27 @@ class LinearFormat(nn.Module):
         """From a dense (N, K) weight in the model's dtype (rounded here for quantized formats)."""
         dtype = weight.dtype
         module = cls(weight.shape[1], weight.shape[0], splits, None if bias is None else bias.to(dtype), dtype)
-        if cls.quantization == "int8":
-            q, scale = quantize_int8(weight)
-            module._build(q=q, scale=scale.to(dtype))
-        elif cls.quantization == "int4":
-            q, scale, zero = quantize_int4(weight, INT4_GROUP_SIZE)
-            module._build(q=q, scale=scale, zero=zero)
-        else:
+        if cls.quantization is None:
             module._build(weight=weight)
+        else:
+            scheme = SCHEMES[cls.quantization]
+            scheme.check_shape(*weight.shape)
+            module._build(**scheme.quantize(weight))
         return module
 
     @classmethod
-    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bias: torch.Tensor | None, splits: list[int] | None, dtype: torch.dtype) -> LinearFormat:
-        """From rounded values: int8 q (N, K) and scale (N,); int4 q (N, K) in 0..15, scale and zero
-        (N, K / 64) bf16 with w = (q - 8) * scale + zero."""
+    def from_quantized(cls, fields: dict[str, torch.Tensor], bias: torch.Tensor | None, splits: list[int] | None,
+                       dtype: torch.dtype) -> LinearFormat:
+        """From rounded values: the fields of the format's scheme (int8: q (N, K) and scale (N,); int4: q
+        (N, K) in 0..15, scale and zero (N, K / 64) with w = (q - 8) * scale + zero)."""
+        q = fields["q"]
         module = cls(q.shape[1], q.shape[0], splits, None if bias is None else bias.to(dtype), dtype)
-        fields = dict(q=q, scale=scale.to(dtype)) if cls.quantization == "int8" else dict(q=q, scale=scale, zero=zero)
         module._build(**fields)
         return module
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """A quantized format's weight as its scheme's fields (what `from_quantized` takes back)."""
+        raise NotImplementedError
 
     def _build(self, **tensors) -> None:
         raise NotImplementedError
@@ -145,8 +146,10 @@ class LinearFormat(nn.Module):
         return self.dense_weight()
 
     def stored(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores for the whole (fused) weight, by key suffix: "weight" (dense, or int8
-        q, or int4 values packed two per byte, low nibble first), "weight_scale", "weight_zero"."""
+        """What a checkpoint stores for the whole (fused) weight, by key suffix: "weight" (dense), or what
+        the scheme stores ("weight", "weight_scale", ...)."""
+        if self.quantization is not None:
+            return SCHEMES[self.quantization].to_stored(self.fields())
         return {"weight": self.dense_weight()}
 
     # -- shared --------------------------------------------------------------------------------------
@@ -391,8 +394,8 @@ class Int8Base(LinearFormat):
     def dense_weight(self):
         return self.weight.to(self.compute_dtype) * self.scale[:, None]
 
-    def stored(self):
-        return {"weight": self.weight, "weight_scale": self.scale}
+    def fields(self):
+        return {"q": self.weight, "scale": self.scale}
 
 
 @register
@@ -454,18 +457,9 @@ class Int8Native(Int8Base):
 
 
 # -- int4, asymmetric, groups of 64 inputs: w = (q - 8) * scale + zero --------------------------------
-def pack_pairs(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 -> (N, K / 2) bytes, two per byte, low nibble first: the checkpoint format."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
-
-
 class Int4Base(LinearFormat):
     quantization = "int4"
-    group_size = INT4_GROUP_SIZE
+    group_size = SCHEMES["int4"].group_size
 
     def _keep_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self.register_buffer("scale", scale.contiguous(), persistent=False)
@@ -489,8 +483,8 @@ class Int4Base(LinearFormat):
         return self.dequantize_into(torch.empty(self.out_features, self.in_features, dtype=torch.float32)) \
             .to(self.compute_dtype)
 
-    def stored(self):
-        return {"weight": pack_pairs(self.values()), "weight_scale": self.scale, "weight_zero": self.zero}
+    def fields(self):
+        return {"q": self.values(), "scale": self.scale, "zero": self.zero}
 
 
 def unpack_int4_blocks(packed: torch.Tensor, n: int, k: int, block: int,
@@ -650,13 +644,13 @@ def preference(dtype: torch.dtype, device: torch.device, quantization: str | Non
     kernels_xeon_amx_2threads.json: 0.63 vs 0.79 ms, 2.41 vs 2.80); its int4 kernel then lost (1.08 vs 0.78
     ms) and has since become 2.6x faster. torch's int8 decoded at 0.63x llama.cpp's Q8_0 there. Prompts of
     bf16 models go to oneDNN where the CPU has native bf16, as torch's formats' do."""
-    if device.type != "cpu":
-        return ("dense",) if quantization is None else tuple(n for n, f in FORMATS.items() if f.quantization == quantization)
-    if quantization == "int8":
-        return ("int8-native", "int8-torch")
-    if quantization == "int4":
-        return ("int4-native", "int4-torch")
-    return ("mkldnn", "native-lossless", "native", "dense")
+    ordered = {None: ("mkldnn", "native-lossless", "native", "dense"), "int8": ("int8-native", "int8-torch"),
+               "int4": ("int4-native", "int4-torch")}
+    if device.type == "cpu" and quantization in ordered:
+        return ordered[quantization]
+    if quantization is None:
+        return ("dense",)
+    return tuple(n for n, f in FORMATS.items() if f.quantization == quantization)  # another scheme: as registered
 
 
 def choose_format(dtype: torch.dtype, device: torch.device | str, quantization: str | None = None,
@@ -664,8 +658,8 @@ def choose_format(dtype: torch.dtype, device: torch.device | str, quantization: 
     """The format name for weights of `dtype` on `device`: `forced` (or STABLELM_LINEAR) when given, else
     the first of `preference` that runs here. A forced format that cannot run is an error that says why."""
     device = torch.device(device)
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+    if quantization is not None and quantization not in SCHEMES:
+        raise ValueError(f"quantization must be one of {tuple(SCHEMES)} or None, got {quantization!r}")
     forced = forced or os.environ.get("STABLELM_LINEAR") or None
     if forced is not None:
         fmt = FORMATS.get(forced)
@@ -699,7 +693,7 @@ def describe() -> dict:
         name = str(dtype).removeprefix("torch.")
         chosen[name] = choose_format(dtype, cpu)
         chosen[f"{name}, prompts"] = str(matmul_dtype(dtype)).removeprefix("torch.")
-    for quantization in QUANTIZATIONS:
+    for quantization in SCHEMES:
         chosen[quantization] = choose_format(torch.bfloat16, cpu, quantization)
     isa = kernels.native_isa()
     return {

@@ -25,6 +25,7 @@ from ..io.checkpoint import (
 )
 from ..io.hub import resolve_folder
 from ..layers import fast, fused
+from ..layers.schemes import SCHEMES
 from ..training import lora
 from . import parallel
 from .config import StableLmConfig, dtype_from_name
@@ -255,7 +256,8 @@ class PreTrainedModel(nn.Module):
         staged = StagedWeights(dtype) if optimize and device == "cpu" else None
         loaded, quantized = model._read_checkpoint(files, is_pickle, expected, dtype, device, saved_kind, staged)
 
-        missing = [k for k in expected if k not in loaded and k not in quantized and f"{k}_scale" not in quantized
+        missing = [k for k in expected if k not in loaded and k not in quantized
+                   and not (saved_kind and any(f"{k}_{extra}" in quantized for extra in _scheme_extras()))
                    and (staged is None or k not in staged.entries)]
         fresh = [k for k in missing if k in cls.head_keys]
         if len(fresh) != len(missing):
@@ -323,7 +325,8 @@ class PreTrainedModel(nn.Module):
                     key = prefix + key  # a bare backbone checkpoint loaded under a head
                 elif not prefix and key.startswith("model."):
                     key = key[len("model."):]  # a head checkpoint loaded as the bare backbone
-                if quantized_kind and (key.endswith(("_proj.weight", "_scale", "_zero")) or key == "lm_head.weight"
+                if quantized_kind and (key.endswith(("_proj.weight", *(f"_{e}" for e in _scheme_extras())))
+                                       or key == "lm_head.weight"
                                        or (key.endswith("_proj.bias") and ".self_attn." in key)):
                     if key.rpartition(".")[0] + ".weight" in expected or key in expected:
                         quantized[key] = tensor  # a FileTensor is read when its module is built
@@ -388,3 +391,10 @@ class PreTrainedModel(nn.Module):
 
         write_checkpoint(target, shards, sum(t.numel() * t.element_size() for t in state.values()),
                          {"generation_config.json": self.generation_config.save_json, "config.json": config.save_json})
+
+
+def _scheme_extras() -> set[str]:
+    """What the quantization schemes store beside a projection's "weight": "scale", "zero", ... (the key
+    `x.weight_scale` ends in `_scale`)."""
+    return {suffix.removeprefix("weight_") for scheme in SCHEMES.values()
+            for suffix in scheme.stored_layout(1, 64) if suffix != "weight"}

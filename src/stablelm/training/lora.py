@@ -22,6 +22,7 @@ from torch import nn
 
 from ..layers import fast
 from ..layers.fused import PROJECTIONS, reference_name
+from ..layers.schemes import SCHEMES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -107,18 +108,18 @@ class FrozenInt8Linear(nn.Module):
     """A frozen projection stored as int8 per output row (a quarter of fp32's bytes): gradients flow to its
     input, never to its weight (QLoRA's idea, with stablelm's int8 rounding)."""
 
+    scheme = SCHEMES["int8"]
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        from ..layers.rounding import quantize_int8
-
-        q, scale = quantize_int8(linear.weight.detach())
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
+        fields = self.scheme.quantize(linear.weight.detach())
+        self.register_buffer("q", fields["q"])
+        self.register_buffer("scale", fields["scale"])
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.q.to(dtype) * self.scale.to(dtype)[:, None])
+        return self.scheme.dequantize({"q": self.q, "scale": self.scale}, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
