@@ -11,7 +11,7 @@ import torch
 import stablelm
 from conftest import padded_batch, reference_model, tiny_tokenizer
 from stablelm.training import finetune as ft
-from stablelm.training import lora
+from stablelm.layers import lora
 
 VARIANT = dict(num_key_value_heads=2, use_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
                classifier_dropout=0.0)

@@ -8,7 +8,7 @@ import torch
 import stablelm
 from conftest import VARIANTS, padded_batch, reference_model
 from stablelm.generation import sampling
-from stablelm.generation.config import GenerationConfig
+from stablelm.models.generation_config import GenerationConfig
 
 
 @pytest.fixture(scope="module")

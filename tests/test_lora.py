@@ -8,7 +8,7 @@ import torch
 
 import stablelm
 from conftest import padded_batch, reference_model
-from stablelm.training import lora
+from stablelm.layers import lora
 
 peft = pytest.importorskip("peft", reason="the LoRA parity tests compare with PEFT (requirements-test.txt)")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

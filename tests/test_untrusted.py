@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import stablelm
 from stablelm.generation import sampling
 from stablelm.training import finetune as ft
-from stablelm.training import lora
+from stablelm.layers import lora
 
 
 @pytest.fixture(scope="module")

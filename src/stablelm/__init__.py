@@ -8,11 +8,12 @@ from .auto import (
     AutoModelForTokenClassification,
     AutoTokenizer,
 )
-from .generation.config import GenerationConfig
 from .generation.streaming import TextIteratorStreamer, TextStreamer
+from .io.hub import demo_model_path
 from .io.tokenizer import BatchEncoding, Tokenizer
 from .models.cache import KVCache
 from .models.config import StableLmConfig
+from .models.generation_config import GenerationConfig
 from .models.model import (
     StableLmForCausalLM,
     StableLmForSequenceClassification,
@@ -22,13 +23,6 @@ from .models.model import (
 from .pipeline import pipeline
 
 __version__ = "0.1.0"
-
-
-def demo_model_path():
-    """The folder of the demo checkpoint bundled with the package (a small StableLM trained on Shakespeare)."""
-    from pathlib import Path
-
-    return Path(__file__).resolve().parent / "demo"
 
 
 __all__ = [

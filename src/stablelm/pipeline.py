@@ -14,7 +14,7 @@ from .auto import (
     AutoModelForTokenClassification,
     AutoTokenizer,
 )
-from .generation.config import GenerationConfig
+from .models.generation_config import GenerationConfig
 
 # The reference's text-generation defaults, used where the model's generation_config is silent.
 TEXT_GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}

@@ -1,1 +1,2 @@
-"""Decoding: generate() (generate.py), its options (config.py), logit processing (sampling.py), streaming."""
+"""Decoding: generate() (generate.py), logit processing (sampling.py), streaming; its options are the
+model's (stablelm.models.generation_config)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..models.cache import KVCache
 from . import sampling
-from .config import GenerationConfig
+from ..models.generation_config import GenerationConfig
 from .streaming import StopScanner
 
 

@@ -18,11 +18,14 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..models.config import StableLmConfig
+if TYPE_CHECKING:  # only named in annotations: io sits below models
+    from ..models.config import StableLmConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

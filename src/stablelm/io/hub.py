@@ -13,6 +13,11 @@ MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
 
 
+def demo_model_path() -> Path:
+    """The folder of the demo checkpoint bundled with the package (a small StableLM trained on Shakespeare)."""
+    return Path(__file__).resolve().parents[1] / "demo"
+
+
 def resolve_folder(name_or_path: str | os.PathLike, *, revision: str | None = None,
                    local_files_only: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
                    token: str | bool | None = None) -> Path:

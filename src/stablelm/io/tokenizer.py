@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer as _Backend
 
-from ..models.config import read_json_object
+from .jsonfile import read_json_object
 from .hub import resolve_folder
 
 # Special tokens a tokenizer class brings when its files name none (as the reference's classes do).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.meta import skip_init
+from .meta import skip_init
 from .fused import FUSED, PROJECTIONS, Fused, layer_projections, parts, reference_name
 from .linear import FORMATS, LinearFormat, choose_format, share_workspace
 from .schemes import SCHEMES, Scheme, join, scheme_from_config
@@ -53,7 +53,7 @@ def optimize(model: nn.Module, quantization: str | None = None, quantized: dict 
     linear_format: force a format by name (see stablelm.linear.FORMATS); by default the fastest that runs.
     """
     if any(hasattr(m, "lora_A") for m in model.modules()):
-        raise ValueError("the model has LoRA adapters: merge them first (stablelm.training.lora.merge_lora)")
+        raise ValueError("the model has LoRA adapters: merge them first (stablelm.layers.lora.merge_lora)")
     fmt = _format_class(model, quantization, linear_format)
     if is_optimized(model):
         if model.inference_kind == fmt.name and quantized is None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..io.jsonfile import read_json_object
+
 MODEL_TYPE = "stablelm"
 ROPE_TYPES = ("default", "linear", "dynamic")
 # Keys we read but never store as attributes: they are folded into rope_* fields or ignored.
@@ -27,20 +29,6 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[key]
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON file that must hold an object; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not valid JSON ({str(e)[:200]})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 MAX_LABELS = 2**20

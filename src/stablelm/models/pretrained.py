@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..generation.config import GenerationConfig
+from ..models.generation_config import GenerationConfig
 from ..io.checkpoint import (
     ALL_HEAD_KEYS,
     FileTensor,
@@ -26,10 +26,10 @@ from ..io.checkpoint import (
 from ..io.hub import resolve_folder
 from ..layers import fast, fused
 from ..layers.schemes import SCHEMES
-from ..training import lora
+from ..layers import lora
 from . import parallel
 from .config import StableLmConfig, dtype_from_name
-from .meta import skip_init
+from ..layers.meta import skip_init
 
 
 class PreTrainedModel(nn.Module):
@@ -374,7 +374,7 @@ class PreTrainedModel(nn.Module):
         if not safe_serialization:
             raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
         if getattr(self, "lora_config", None) is not None:
-            raise ValueError("the model has LoRA adapters: save them with stablelm.training.lora.save_adapter, or "
+            raise ValueError("the model has LoRA adapters: save them with stablelm.layers.lora.save_adapter, or "
                              "fold them in with merge_lora(model) before save_pretrained")
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)

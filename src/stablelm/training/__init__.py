@@ -1,1 +1,1 @@
-"""Training: the demo model's from-scratch recipe (train.py)."""
+"""Training: the demo model's from-scratch recipe (train.py) and fine-tuning, full or LoRA (finetune.py)."""

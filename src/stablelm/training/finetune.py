@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..auto import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 from ..auto import AutoTokenizer
 from ..models.config import MAX_LABELS
-from . import lora
+from ..layers import lora
 from .train import _plot, autocast, resolve_precision
 
 TASKS = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
@@ -229,7 +229,7 @@ def finetune(opts: FinetuneOptions, train_data, eval_data=None) -> Result:
             raise ValueError(f"{name} must be an integer >= 1, got {getattr(opts, name)!r}")
     lora_config = lora.LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                                   target_modules=opts.lora_targets) if opts.method == "lora" else None
-    from .. import demo_model_path
+    from ..io.hub import demo_model_path
 
     source = opts.model or demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .. import kernels
-from ..generation.config import GenerationConfig
+from ..models.generation_config import GenerationConfig
 from ..io.tokenizer import Tokenizer
 from ..models.config import StableLmConfig
 from ..models.model import StableLmForCausalLM

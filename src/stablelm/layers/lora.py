@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..layers import fast
-from ..layers.fused import PROJECTIONS, reference_name
-from ..layers.schemes import SCHEMES
+from . import fast
+from .fused import PROJECTIONS, reference_name
+from .schemes import SCHEMES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -246,7 +246,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     The config's numbers and every tensor's name, shape and dtype (from the file's header) are checked
     against the model before anything is allocated; a weight that is not finite is refused, named."""
     from ..io.checkpoint import read_tensors
-    from ..models.config import read_json_object
+    from ..io.jsonfile import read_json_object
 
     directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):

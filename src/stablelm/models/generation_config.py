@@ -43,7 +43,7 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> GenerationConfig:
-        from ..models.config import read_json_object
+        from ..io.jsonfile import read_json_object
 
         return cls.from_dict(read_json_object(path))
 
