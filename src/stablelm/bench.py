@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -330,7 +331,25 @@ def _machine(args) -> dict:
     info = describe()
     quant = None if args.quantization == "none" else args.quantization
     info["linear_format"] = choose_format(dtype_from_name(args.dtype), torch.device("cpu"), quant, args.linear_format)
-    return info
+    return {**info, **_provenance()}
+
+
+def _provenance() -> dict:
+    """Which code ran and how: the source checkout's commit (None outside one), whether it had uncommitted
+    changes to tracked files, the command line, and when."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*words: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *words], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or None
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+            "command": " ".join(shlex.quote(word) for word in ["stablelm", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def _best(results: list[dict]) -> dict:

@@ -42,6 +42,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+              "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD features /proc/cpuinfo lists that the kernels or oneDNN can use (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def cpu_capability() -> str:
     """torch's own view of the CPU: "AVX512", "AVX2", "DEFAULT", ..."""
     return torch.backends.cpu.get_cpu_capability()

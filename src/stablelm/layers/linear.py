@@ -698,6 +698,7 @@ def describe() -> dict:
     isa = kernels.native_isa()
     return {
         "cpu": kernels.cpu_name(),
+        "cpu_flags": kernels.cpu_flags(),
         "torch_capability": kernels.cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
