@@ -261,7 +261,7 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str
                                      f"stores {' or '.join(str(d) for d in dtypes)}")
             pieces.append(stored)
             biases.append(take(name, "bias", (lin.out_features,), required=lin.bias is not None))
-        bias = None if biases[0] is None else join([{"bias": b} for b in biases])["bias"].to(compute)
+        bias = None if biases[0] is None else (biases[0] if len(biases) == 1 else torch.cat(biases)).to(compute)
         splits = [lin.out_features for lin in linears] if len(names) > 1 else None
         stored = join(pieces)
         del pieces
