@@ -162,7 +162,6 @@ class Engine:
     Sampled tokens are rank 0's.
     """
 
-
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
                  kv_cache_memory: int | None = None, prefix_caching: bool = True,
                  prefill_chunk: int | str | None = "auto", max_gap: float = 1.8, block_size: int = BLOCK_SIZE):

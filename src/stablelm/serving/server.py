@@ -183,6 +183,8 @@ class Guard:
                 status["code"], status["sent"] = message["status"], True
             await send(message)
 
+        # who sends it, once: the guard checks the key, the routes pick the prefix-cache namespace
+        scope.setdefault("state", {})["party"] = _party(request, self.service)
         refusal = _refuse(request, self.service)
         try:
             await (refusal or self.app)(scope, receive, send_and_note)
@@ -207,7 +209,7 @@ def _refuse(request: HTTPRequest, service: Service):
     if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
         return error_response(413, f"request body over {limits.max_body_bytes} bytes")
     public = request.url.path == "/health"
-    if service.api_keys and not public and _party(request, service) is None:
+    if not public and request.scope["state"]["party"] is None:
         return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
                               kind="authentication_error")
     if request.method == "POST":
@@ -351,7 +353,7 @@ async def generate(http: HTTPRequest, service: Service, kind: str, encoded: list
                        "n")
     call = _Call(kind, service.model_name, params, encoded)
     loop = asyncio.get_running_loop()
-    namespace = cache_namespace(_party(http, service), body.cache_salt)
+    namespace = cache_namespace(http.scope["state"]["party"], body.cache_salt)
     for ids, events in zip(encoded, call.queues):
         call.requests.append(Request(ids, params, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
                                      namespace))
